@@ -1,0 +1,60 @@
+"""Shared helpers of the benchmarks: the device's name, timing, and the one-table report."""
+import datetime, os, platform, subprocess, time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+def device_name() -> str:
+    "The accelerator (model x count) or, without one, the CPU model and core count."
+    import torch
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"{torch.cuda.get_device_name(0)} x{n}" if n > 1 else torch.cuda.get_device_name(0)
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip(); break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, no GPU)"
+
+def sync():
+    "Wait for queued GPU work (no-op on CPU)."
+    import torch
+    if torch.cuda.is_available(): torch.cuda.synchronize()
+
+def timeit(fn, warmup: int = 2, iters: int = 5) -> float:
+    "Median seconds of `fn()` after `warmup` calls, device synchronised around each call."
+    for _ in range(warmup): fn()
+    times = []
+    for _ in range(iters):
+        sync(); t0 = time.perf_counter(); fn(); sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+def table(columns: list, rows: list) -> str:
+    "A markdown table."
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+def report(title: str, columns: list, rows: list, notes: str = "", results: Path = RESULTS) -> str:
+    "Print the benchmark's one table and append it, with date, commit and device, to RESULTS.md."
+    head = (f"## {title}\n\n{datetime.date.today().isoformat()} · commit {_git_commit()} · "
+            f"device: **{device_name()}**\n\n")
+    text = head + table(columns, rows) + (f"\n\n{notes}" if notes else "") + "\n\n"
+    print(text)
+    old = results.read_text() if results.exists() else "# Benchmark results\n\nAppended by `bench/*.py`; newest last.\n\n"
+    tmp = results.with_suffix(".md.tmp")
+    tmp.write_text(old + text)
+    tmp.replace(results)
+    return text

@@ -1,0 +1,74 @@
+"""bagel.model: dtypes, branch switches, gradients through the training forward, batching of the inference calls."""
+import pytest
+import torch
+
+from bagel.model import Bagel, BagelConfig, shift_timesteps
+from bagel.testing import init_random_, toy_packed_batch
+
+def _model(**kw):
+    return init_random_(Bagel(BagelConfig.tiny(**kw)), torch.Generator().manual_seed(0))
+
+def _batch(model):
+    P = model.config.vit.patch_size
+    g = torch.Generator().manual_seed(3)
+    return toy_packed_batch(model, caption=[20, 21, 22], answer=[30, 31, 32], image=torch.rand(3, 2 * P, 3 * P, generator=g) * 2 - 1,
+                            latent=torch.randn(16, 6, 4, generator=g), t_raw=-0.2)
+
+def test_training_forward_reaches_both_experts():
+    model = _model().train()
+    out = model.forward_train(_batch(model), generator=torch.Generator().manual_seed(0))
+    loss = torch.nn.functional.cross_entropy(out.ce_logits.float(), _batch(model).packed_label_ids) + \
+        (out.velocity_pred - out.velocity_target).pow(2).mean()
+    loss.backward()
+    layer = model.language_model.model.layers[0]
+    for name in ["mlp.gate_proj", "mlp_moe_gen.gate_proj", "self_attn.q_proj", "self_attn.q_proj_moe_gen"]:
+        assert layer.get_submodule(name).weight.grad.abs().sum() > 0, name
+    for mod in [model.vae2llm, model.llm2vae, model.time_embedder.mlp[0], model.connector.fc1,
+                model.vit_model.vision_model.embeddings.patch_embedding]:
+        assert mod.weight.grad.abs().sum() > 0
+    assert model.latent_pos_embed.pos_embed.grad is None  # fixed table
+
+def test_freeze_und_leaves_the_und_expert_without_gradient():
+    model = _model()
+    model.config.llm.freeze_und = True
+    out = model.forward_train(_batch(model), generator=torch.Generator().manual_seed(0))
+    (out.velocity_pred - out.velocity_target).pow(2).mean().backward()
+    layer = model.language_model.model.layers[1]
+    assert layer.mlp.gate_proj.weight.grad is None or layer.mlp.gate_proj.weight.grad.abs().sum() == 0
+    assert layer.mlp_moe_gen.gate_proj.weight.grad.abs().sum() > 0
+
+def test_noise_schedule_and_timestep_shift():
+    t = torch.linspace(0, 1, 11)
+    assert torch.equal(shift_timesteps(t, 1.0), t)
+    s = shift_timesteps(t, 3.0)
+    assert s[0] == 0 and s[-1] == 1 and bool((s[1:-1] > t[1:-1]).all())  # shift > 1 moves times toward noise
+
+def test_bf16_inference_runs_and_stays_close():
+    model = _model().eval()
+    ctx32 = model.new_context(); model.extend_text([ctx32], [model.text_block([5, 6, 7])])
+    x = torch.randn(4, 64)
+    v32 = model.velocity([ctx32], [x], 0.5, [(2, 2)])[0]
+    m16 = model.to(torch.bfloat16)
+    ctx16 = m16.new_context(); m16.extend_text([ctx16], [m16.text_block([5, 6, 7])])
+    v16 = m16.velocity([ctx16], [x], 0.5, [(2, 2)])[0]
+    assert v16.dtype == torch.float32
+    assert (v16 - v32).abs().max() < 0.1 * v32.abs().max()
+
+@pytest.mark.parametrize("kw", [dict(visual_gen=False), dict(visual_und=False)])
+def test_branch_switches(kw):
+    model = _model(**kw).eval()
+    names = {n for n, _ in model.named_children()}
+    assert ("vae2llm" in names) == model.config.visual_gen and ("vit_model" in names) == model.config.visual_und
+    ctx = model.new_context()
+    logits = model.extend_text([ctx], [model.text_block([5, 6])], return_logits=True)
+    assert logits.shape == (1, model.config.llm.vocab_size)
+
+def test_batched_text_prefill_equals_single():
+    model = _model().eval()
+    blocks = [model.text_block([5, 6, 7, 8]), model.text_block([9]), model.text_block([10, 11])]
+    ctxs = [model.new_context() for _ in blocks]
+    batched = model.extend_text(ctxs, blocks, return_logits=True)
+    for i, b in enumerate(blocks):
+        c = model.new_context()
+        torch.testing.assert_close(model.extend_text([c], [b], return_logits=True)[0], batched[i], atol=1e-5, rtol=1e-5)
+        assert c.rope == ctxs[i].rope == len(b)
