@@ -5,7 +5,7 @@ An authoring aid only: the notebook it writes is the source of truth from then o
 Jupyter, or regenerate it from a draft you keep outside the repo). Usage:
     python tools/pct2nb.py draft.py nbs/00_core_mot.ipynb
 """
-import re, sys
+import hashlib, re, sys
 from pathlib import Path
 
 import nbformat
@@ -29,6 +29,11 @@ def parse(text: str) -> list:
         else:
             buf.append(line)
     flush()
+    seen = set()
+    for c in cells:  # ids from the content, so regenerating an unchanged cell keeps its id (and the export's diff quiet)
+        h = hashlib.sha1(c.source.encode()).hexdigest()
+        i = next(h[k:k + 8] for k in range(0, 32) if h[k:k + 8] not in seen)
+        seen.add(i); c.id = i
     return cells
 
 def main(src, dst):
