@@ -53,7 +53,7 @@ export: $(STAMP)
 	$(BIN)/python tools/build_docs.py readme
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir nbs
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean-docs:
 	rm -rf _docs _proc

@@ -229,13 +229,11 @@ def save_pretrained(bundle: BagelBundle, model_dir: str | Path, dtype: torch.dty
 
 BagelBundle.save_pretrained = save_pretrained
 
-# %% ../nbs/03_checkpoint.ipynb #118ef8bf
-def download_bagel(local_dir: str | Path, repo_id: str = "ByteDance-Seed/BAGEL-7B-MoT",
-                   timeout: float = 10.0) -> Path:
+# %% ../nbs/03_checkpoint.ipynb #eb5f7a06
+def download_bagel(local_dir: str | Path, repo_id: str = "ByteDance-Seed/BAGEL-7B-MoT") -> Path:
     "Download a BAGEL model dir from the Hugging Face Hub; fail fast with a clear message when offline."
     import huggingface_hub
     from huggingface_hub.utils import HfHubHTTPError
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout)))
     try:
         path = huggingface_hub.snapshot_download(repo_id, local_dir=str(local_dir),
                                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md"])

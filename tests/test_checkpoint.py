@@ -93,3 +93,15 @@ def test_not_a_model_dir(tmp_path):
 def test_read_header_reports_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_header(tmp_path / "nope.safetensors")
+
+def test_download_fails_fast_and_says_what_to_do(tmp_path):
+    "Without the Hub (offline mode here), download_bagel raises at once with the way out."
+    import os, subprocess, sys, time
+    code = ("from bagel.checkpoint import download_bagel\n"
+            f"try: download_bagel({str(tmp_path / 'dl')!r})\n"
+            "except RuntimeError as e: print('ERR', e)\n")
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    assert time.time() - t0 < 60
+    assert out.startswith("ERR could not download ByteDance-Seed/BAGEL-7B-MoT") and "pass its path as model_dir" in out
