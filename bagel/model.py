@@ -308,7 +308,7 @@ def velocity(self: Bagel, ctxs: list,  # b contexts (never modified)
     v = self.llm2vae(out[torch.cat(blk.is_gen)]).float()
     return list(v.split([h * w for h, w in grids]))
 
-# %% ../nbs/02_model.ipynb #42036729
+# %% ../nbs/02_model.ipynb #55c1ba90
 @dataclass
 class PackedBatch:
     "One packed training sequence (spec §6.5); index tensors point into the packed sequence."
@@ -323,7 +323,8 @@ class PackedBatch:
     packed_vit_position_ids: Tensor | None = None    # [Nvit] ids r*70 + c
     packed_vit_token_indexes: Tensor | None = None   # [Nvit]
     vit_token_seqlens: Tensor | None = None          # [n_vit_images]
-    padded_latent: Tensor | None = None              # [n_vae_images, C, Hmax/8, Wmax/8] model latents (scaled)
+    padded_images: Tensor | None = None              # [n_vae_images, 3, Hmax, Wmax] in [-1, 1], zero-padded (packer output)
+    padded_latent: Tensor | None = None              # [n_vae_images, C, Hmax/8, Wmax/8] model latents (scaled): encode_images
     patchified_vae_latent_shapes: list | None = None # per VAE image (h, w) token grid
     packed_latent_position_ids: Tensor | None = None # [Nv] ids r*G + c
     packed_vae_token_indexes: Tensor | None = None   # [Nv]
@@ -332,6 +333,16 @@ class PackedBatch:
     packed_label_ids: Tensor | None = None           # [Nce] next-token targets
     ce_loss_indexes: Tensor | None = None            # [Nce] positions with CE loss
     ce_loss_weights: Tensor | None = None            # [Nce] optional per-token weights
+    batch_data_indexes: dict | None = None           # where the data readers stood (resume bookkeeping)
+
+@patch
+@torch.no_grad()
+def encode_images(self: PackedBatch, vae, generator: torch.Generator | None = None, sample: bool = True) -> PackedBatch:
+    "Fill `padded_latent` by VAE-encoding `padded_images` (sampled, as BAGEL trains); returns self."
+    if self.padded_images is not None and len(self.padded_images):
+        w = vae.encoder.conv_in.weight
+        self.padded_latent = vae.encode(self.padded_images.to(w.device, w.dtype), sample=sample, generator=generator)
+    return self
 
 @dataclass
 class TrainOutput:
@@ -340,7 +351,7 @@ class TrainOutput:
     velocity_pred: Tensor | None    # [Nnoisy, p*p*C]
     velocity_target: Tensor | None  # [Nnoisy, p*p*C] = eps - x0
 
-# %% ../nbs/02_model.ipynb #280935fa
+# %% ../nbs/02_model.ipynb #56aa3297
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     "Shift flow times toward noise: s*t / (1 + (s-1)*t) (identity for s = 1)."
     return shift * t / (1 + (shift - 1) * t)
@@ -349,12 +360,13 @@ def shift_timesteps(t: Tensor, shift: float) -> Tensor:
 def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | None = None) -> TrainOutput:
     "Training forward over a packed batch: CE logits at text-loss positions, velocities at noisy positions."
     cfg, dev, S = self.config, self.device, batch.sequence_length
-    if sum(batch.sample_lens) != S or sum(batch.split_lens) != S:
-        raise ValueError(f"sample_lens sum {sum(batch.sample_lens)} and split_lens sum {sum(batch.split_lens)} "
-                         f"must both equal sequence_length {S}")
-    x = torch.zeros(S, cfg.llm.hidden_size, device=dev, dtype=self.dtype)
+    total = sum(batch.sample_lens)   # > S when the packer added a flex pad pseudo-sample (one causal split) at the end
+    if sum(batch.split_lens) != total or total < S or (total > S and batch.attn_modes[-1] != "causal"):
+        raise ValueError(f"sample_lens sum {total} and split_lens sum {sum(batch.split_lens)} must be equal and cover "
+                         f"sequence_length {S} (plus at most a trailing causal pad split)")
+    x = torch.zeros(total, cfg.llm.hidden_size, device=dev, dtype=self.dtype)   # pad rows stay zero
     x[batch.packed_text_indexes] = self.embed_text(batch.packed_text_ids)
-    is_gen = torch.zeros(S, dtype=torch.bool, device=dev)
+    is_gen = torch.zeros(total, dtype=torch.bool, device=dev)
     if batch.packed_vit_tokens is not None and len(batch.packed_vit_tokens):
         cu = F.pad(batch.vit_token_seqlens.cumsum(0), (1, 0)).to(torch.int32)
         vit = self.vit_model(batch.packed_vit_tokens.to(dev, self.dtype), batch.packed_vit_position_ids, cu)
@@ -373,7 +385,8 @@ def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | 
         target = (eps - x0)[noisy]
     plan = AttnPlan(q_lens=list(batch.sample_lens), kv_lens=[0] * len(batch.sample_lens),
                     split_lens=list(batch.split_lens), attn_modes=list(batch.attn_modes))
-    h = self.language_model.model(x, batch.packed_position_ids.to(dev), plan, is_gen=is_gen if bool(is_gen.any()) else None)
+    pos = F.pad(batch.packed_position_ids.to(dev), (0, total - len(batch.packed_position_ids)))  # pad: position 0
+    h = self.language_model.model(x, pos, plan, is_gen=is_gen if bool(is_gen.any()) else None)
     if target is not None and batch.mse_loss_indexes is not None:
         pred = self.llm2vae(h[batch.mse_loss_indexes]).float()
     logits = None

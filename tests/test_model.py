@@ -72,3 +72,31 @@ def test_batched_text_prefill_equals_single():
         c = model.new_context()
         torch.testing.assert_close(model.extend_text([c], [b], return_logits=True)[0], batched[i], atol=1e-5, rtol=1e-5)
         assert c.rope == ctxs[i].rope == len(b)
+
+def test_packed_batch_encode_images_feeds_the_training_forward():
+    from bagel.vae import AutoEncoder
+    model = _model().eval()
+    vae = init_random_(AutoEncoder(model.config.vae), torch.Generator().manual_seed(1)).eval()
+    batch = _batch(model)
+    batch.padded_images = torch.rand(1, 3, 48, 32) * 2 - 1      # a 6 x 4 latent grid after the VAE (x8) and p = 2
+    batch.padded_latent = None
+    batch.encode_images(vae, generator=torch.Generator().manual_seed(0))
+    assert batch.padded_latent.shape == (1, 16, 6, 4)
+    out = model.forward_train(batch, generator=torch.Generator().manual_seed(0))
+    assert out.velocity_pred.shape == out.velocity_target.shape == (6, 64)
+
+def test_flex_padding_pseudo_sample_leaves_outputs_unchanged():
+    "A trailing causal pad split (the packer's flex padding) changes no real output."
+    import dataclasses
+    model = _model().eval()
+    batch = _batch(model)
+    out = model.forward_train(batch, generator=torch.Generator().manual_seed(0))
+    padded = dataclasses.replace(batch, sample_lens=batch.sample_lens + [7], split_lens=batch.split_lens + [7],
+                                 attn_modes=batch.attn_modes + ["causal"])
+    out2 = model.forward_train(padded, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out2.ce_logits, out.ce_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2.velocity_pred, out.velocity_pred, atol=1e-5, rtol=1e-5)
+    bad = dataclasses.replace(batch, sample_lens=batch.sample_lens + [7], split_lens=batch.split_lens + [7],
+                              attn_modes=batch.attn_modes + ["full"])
+    with pytest.raises(ValueError, match="trailing causal pad"):
+        model.forward_train(bad)
