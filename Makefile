@@ -27,10 +27,10 @@ $(STAMP): requirements.txt setup.py settings.ini
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/bagel demo --out demo_out
+	$(BIN)/bagel demo --config configs/shapesworld_cpu.yaml
 
 check: $(STAMP)
-	$(BIN)/python tools/nbcheck.py sync clean readme
+	$(BIN)/python tools/nbcheck.py sync clean readme imports
 
 nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --timing

@@ -19,7 +19,7 @@ missing = [k for k in required if k not in cfg]
 if missing:
     raise SystemExit(f"settings.ini lacks {missing}: add them under [DEFAULT]")
 
-licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+licenses = {"apache2": "Apache-2.0"}  # SPDX expression
 lic = licenses[cfg["license"]]
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable"]
 py_versions = "3.10 3.11 3.12 3.13".split()
@@ -38,7 +38,7 @@ setuptools.setup(
     description=cfg["description"],
     long_description=readme.read_text(encoding="utf-8") if readme.exists() else "",
     long_description_content_type="text/markdown",
-    license=lic[0],
+    license=lic,
     author=cfg["author"],
     author_email=cfg["author_email"],
     url=cfg["git_url"],
@@ -46,7 +46,6 @@ setuptools.setup(
     classifiers=[
         f"Development Status :: {statuses[int(cfg['status'])]}",
         f"Intended Audience :: {cfg['audience']}",
-        f"License :: {lic[1]}",
         f"Natural Language :: {cfg['language']}",
     ] + [f"Programming Language :: Python :: {v}" for v in py_versions[py_versions.index(min_python):]],
     packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),

@@ -34,7 +34,7 @@ class SpecialTokens:
 
     def as_dict(self) -> dict: return dict(vars(self))
 
-# %% ../nbs/02_model.ipynb #d7ddc8c2
+# %% ../nbs/02_model.ipynb #01eb5533
 @dataclass
 class BagelConfig:
     "The composite model: sub-configs plus the fields the official code sets in code (spec §1.5)."
@@ -80,6 +80,17 @@ class BagelConfig:
         return cls(llm=LLMConfig.qwen2_5_7b().with_load_overrides(),
                    vit=ViTConfig.siglip_so400m_980().with_load_overrides(),
                    vae=VAEConfig.flux(), max_latent_size=64, vit_max_num_patch_per_side=70)
+
+    @classmethod
+    def shapesworld(cls, **kw):
+        "A small model that learns ShapesWorld (64 px images; minutes on a CPU, one GPU for the full check)."
+        llm = LLMConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0)
+        vit = ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        patch_size=14, image_size=70, rope=False)   # 5x5 patches: a 64 px render resized to 70
+        kw = dict(llm=llm, vit=vit, vae=VAEConfig.tiny(), max_latent_size=8, vit_max_num_patch_per_side=5,
+                  tokens=SpecialTokens(1, 2, 3, 4)) | kw
+        return cls(**kw)
 
     @classmethod
     def tiny(cls, **kw):

@@ -73,7 +73,27 @@ def check_readme() -> list:
         return ["README.md is out of date with nbs/index.ipynb (its source): run `make readme` and commit README.md"]
     return []
 
-CHECKS = {"sync": check_sync, "clean": check_clean, "readme": check_readme}
+def _mixed_import_cells(nb_path: Path) -> list:
+    "Indexes of visible code cells holding imports and other statements (nbdev runs import cells alone for docs)."
+    import ast, json
+    out = []
+    for i, c in enumerate(json.loads(nb_path.read_text())["cells"]):
+        src = "".join(c["source"]) if c["cell_type"] == "code" else ""
+        first = src.lstrip().splitlines()[0] if src.strip() else ""
+        if not src.strip() or re.match(r"#\|\s*(export|exporti|exports|hide|eval:\s*false)\b", first): continue
+        try: body = ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!")))).body
+        except SyntaxError: continue
+        kinds = {isinstance(n, (ast.Import, ast.ImportFrom)) for n in body}
+        if kinds == {True, False}: out.append(i)
+    return out
+
+def check_imports() -> list:
+    "Imports live in their own cells: the docs build executes every cell that imports, without the cells before it."
+    return [f"{nb.relative_to(ROOT)} cell {i} mixes imports with other code: move the imports into the notebook's "
+            f"hidden imports cell (the docs build runs import cells on their own, without the cells above)"
+            for nb in sorted(NBS.glob("*.ipynb")) for i in _mixed_import_cells(nb)]
+
+CHECKS = {"sync": check_sync, "clean": check_clean, "readme": check_readme, "imports": check_imports}
 
 def main(argv):
     names = list(CHECKS) if argv in ([], ["all"]) else argv

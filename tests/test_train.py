@@ -1,0 +1,206 @@
+"""bagel.train + bagel.distributed: a 2-process FSDP step equals the 1-process step, SIGKILL + resume repeats the
+uninterrupted run, a 2-process checkpoint resumes on 1 process and exports, losses by hand, freezing, real data."""
+import json, math, os, shutil, signal, subprocess, sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bagel.distributed import export_ema, latest_checkpoint
+from bagel.model import BagelConfig
+from bagel.train import (EMA, SyntheticBatches, TrainConfig, build_model, local_counts, make_optimizer, model_config,
+                         reduce_losses, train)
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("train_worker.py")
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tiny tensors: one thread is fastest and identical between this process and the workers."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def run_worker(args: list, nproc: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    "Run tests/train_worker.py alone (nproc=0) or under torchrun with nproc gloo processes."
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    r = subprocess.run(launch + [str(WORKER), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+    if check: assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r
+
+def cfg_json(cfg: TrainConfig) -> list: return ["--config", json.dumps(asdict(cfg))]
+
+def metrics(run: Path) -> list: return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one(tmp_path):
+    "One optimizer step: 2 gloo ranks (FSDP2, activation checkpointing), each on its own batch, vs the same step by hand."
+    cfg = TrainConfig.tiny(total_steps=1, results_dir=str(tmp_path / "run"), eps=1e-6, ema=0.5, activation_checkpointing=True)
+    run_worker(cfg_json(cfg) + ["--dump", str(tmp_path / "two.pt")], nproc=2)
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    W, bc = 2, BagelConfig.tiny()
+    net = build_model(model_config(cfg, bc), replace(cfg, activation_checkpointing=False))
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    opt, sched = make_optimizer(net, cfg); ema = EMA(net, cfg.ema)
+    batches = [next(SyntheticBatches(bc, seed=0, rank=r)) for r in range(W)]
+    outs = [net.forward_train(b, torch.Generator().manual_seed(cfg.global_seed * W + r)) for r, b in enumerate(batches)]
+    counts = sum(local_counts(o, b) for o, b in zip(outs, batches))               # the all-reduce, by hand
+    Ls = [reduce_losses(o, b, cfg, counts, W) for o, b in zip(outs, batches)]
+    (sum(L.loss for L in Ls) / W).backward()                                       # FSDP averages over ranks
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None: p.grad = torch.zeros_like(p)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    opt.step(); ema.update(net)
+    rec = two["history"][0]
+    loss = sum(cfg.ce_weight * L.ce + cfg.mse_weight * L.mse for L in Ls).item() / W
+    assert abs(rec["loss"] - loss) < 1e-5 and abs(rec["grad_norm"] - norm.item()) < 1e-5, (rec, loss, norm)
+    sd = net.state_dict()
+    moved = max((sd[k] - init[k]).abs().max().item() for k in sd)
+    assert moved > 1e-4                                                            # the step did change the weights
+    for k, v in sd.items():
+        assert torch.allclose(two["model"][k], v, atol=1e-5, rtol=0), k
+        assert torch.allclose(two["ema"][k], ema.params[k], atol=1e-5, rtol=0), k
+
+@pytest.mark.slow
+def test_sigkill_resume_repeats_the_uninterrupted_run(tmp_path):
+    "SIGKILL after step 5 (last checkpoint: step 3), resume: the loss curve equals the uninterrupted one exactly."
+    cfg = TrainConfig.tiny(total_steps=8, save_every=3, auto_resume=True, gradient_accumulation_steps=2)
+    ref = train(replace(cfg, results_dir=str(tmp_path / "ref")), BagelConfig.tiny(), SyntheticBatches(BagelConfig.tiny(), seed=5))
+    run = tmp_path / "run"
+    args = cfg_json(replace(cfg, results_dir=str(run))) + ["--seed", "5"]
+    r = run_worker(args + ["--kill_at", "5"], check=False)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000003"
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
+    run_worker(args)
+    got = metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 9))                           # steps 4, 5 logged once
+    assert [(m["loss"], m["grad_norm"], m["lr"]) for m in got] == [(m["loss"], m["grad_norm"], m["lr"]) for m in ref.history]
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_on_one_and_exports(tmp_path):
+    "A checkpoint written by 2 ranks: 1 process restores it exactly, continues, and exports its EMA as a model dir."
+    from bagel.checkpoint import from_pretrained
+    from bagel.testing import write_tiny_checkpoint
+    md = write_tiny_checkpoint(tmp_path / "model")
+    cfg = TrainConfig.tiny(total_steps=4, save_every=2, results_dir=str(tmp_path / "run"), auto_resume=True,
+                           finetune_from_hf=True, finetune_from_ema=True)
+    run_worker(cfg_json(cfg) + ["--model", str(md), "--dump", str(tmp_path / "two.pt")], nproc=2)
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step_0000002", "step_0000004"]
+    assert json.loads((ck / "step_0000004" / "meta.json").read_text())["world_size"] == 2
+    bcfg = from_pretrained(md).config
+    with pytest.warns(UserWarning, match="different number"):
+        res = train(cfg, str(md), SyntheticBatches(bcfg))                         # nothing left to do: just the load
+    assert res.step == 4 and res.history == []
+    sd = res.model.state_dict()
+    for k, v in two["model"].items():
+        assert torch.equal(sd[k], v) and torch.equal(res.ema.params[k], two["ema"][k]), k
+    with pytest.warns(UserWarning, match="different number"):
+        more = train(replace(cfg, total_steps=6), str(md), SyntheticBatches(bcfg))
+    assert [r["step"] for r in more.history] == [5, 6] and all(math.isfinite(r["loss"]) for r in more.history)
+    out = export_ema(ck / "step_0000004", tmp_path / "export")
+    back = from_pretrained(out, dtype=torch.float32).model.state_dict()
+    assert set(back) == set(two["ema"]) and all(torch.equal(back[k], v) for k, v in two["ema"].items())
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_losses_by_hand():
+    "CE / MSE against F.cross_entropy / explicit means; the world-size factor and reweighting."
+    bc = BagelConfig.tiny(); cfg = TrainConfig.tiny()
+    net = build_model(model_config(cfg, bc), cfg)
+    b = next(SyntheticBatches(bc, seed=1))
+    out = net.forward_train(b, torch.Generator().manual_seed(0))
+    ce = F.cross_entropy(out.ce_logits, b.packed_label_ids)
+    mse = F.mse_loss(out.velocity_pred, out.velocity_target)
+    L = reduce_losses(out, b, cfg, local_counts(out, b))
+    assert torch.allclose(L.ce, ce) and torch.allclose(L.mse, mse) and torch.allclose(L.loss, ce + mse)
+    n = local_counts(out, b)                              # as rank 0 of 2 with 3x as many tokens elsewhere
+    L4 = reduce_losses(out, b, replace(cfg, mse_weight=2.0, gradient_accumulation_steps=4), 4 * n, world_size=2)
+    assert torch.allclose(L4.ce, ce / 2) and torch.allclose(L4.loss, (ce / 2 + 2 * mse / 2) / 4)
+    b.ce_loss_weights = torch.linspace(0.2, 1.0, len(b.packed_label_ids))
+    Lw = reduce_losses(out, b, replace(cfg, ce_loss_reweighting=True), local_counts(out, b, reweight=True))
+    tok = F.cross_entropy(out.ce_logits, b.packed_label_ids, reduction="none")
+    assert torch.allclose(Lw.ce, (tok * b.ce_loss_weights).sum() / b.ce_loss_weights.sum())
+
+def _changed(cfg: TrainConfig, tmp_path) -> dict:
+    "name -> did 2 training steps change it."
+    bc = BagelConfig.tiny()
+    init = build_model(model_config(cfg, bc), cfg).state_dict()
+    res = train(replace(cfg, results_dir=str(tmp_path)), bc, SyntheticBatches(bc, seed=2))
+    return {k: not torch.equal(v, init[k]) for k, v in res.model.state_dict().items()}
+
+def test_freeze_und_trains_only_the_gen_expert(tmp_path):
+    ch = _changed(TrainConfig.tiny(total_steps=2, freeze_und=True), tmp_path)
+    L = "language_model.model.layers.0."
+    for k in [L + "mlp.up_proj.weight", L + "self_attn.q_proj.weight", L + "input_layernorm.weight",
+              "language_model.model.embed_tokens.weight", "vit_model.vision_model.encoder.layers.0.mlp.fc1.weight", "connector.fc1.weight"]:
+        assert not ch[k], k
+    for k in [L + "mlp_moe_gen.up_proj.weight", L + "self_attn.q_proj_moe_gen.weight", "language_model.lm_head.weight", "vae2llm.weight"]:
+        assert ch[k], k
+
+def test_freeze_llm_and_vit(tmp_path):
+    ch = _changed(TrainConfig.tiny(total_steps=2, freeze_llm=True, freeze_vit=True), tmp_path)
+    assert not any(v for k, v in ch.items() if k.startswith(("language_model.", "vit_model.")))
+    assert ch["connector.fc1.weight"] and ch["vae2llm.weight"] and ch["llm2vae.weight"]
+    assert not ch["latent_pos_embed.pos_embed"] and not ch["vit_pos_embed.pos_embed"]
+
+def test_ema_formula():
+    bc, cfg = BagelConfig.tiny(), TrainConfig.tiny()
+    net = build_model(model_config(cfg, bc), cfg)
+    ema = EMA(net, 0.75)
+    e0 = {k: v.clone() for k, v in ema.params.items()}
+    with torch.no_grad():
+        for p in net.parameters(): p.mul_(-2.0)
+    ema.update(net)
+    live = dict(net.named_parameters())
+    for k, p in live.items():
+        want = 0.75 * e0[k] + 0.25 * p.detach() if p.requires_grad else e0[k]
+        assert torch.allclose(ema.params[k], want, atol=1e-7), k
+
+def test_config_errors(tmp_path):
+    y = tmp_path / "t.yaml"; y.write_text("lr: 1e-4\nmax_steps: 3\n")
+    with pytest.raises(ValueError, match="valid keys: lr"): TrainConfig.from_yaml(y)
+    with pytest.raises(ValueError, match="num_shard=2"):
+        from bagel.distributed import mesh_shape
+        mesh_shape("HYBRID_SHARD", 2, 1, 8)
+    with pytest.raises(ValueError, match="resume_model_only=True"):
+        from bagel.testing import write_tiny_checkpoint
+        md = write_tiny_checkpoint(tmp_path / "m")
+        train(TrainConfig.tiny(results_dir=str(tmp_path / "r"), resume_from=str(md)), BagelConfig.tiny(), [])
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_packed_dataset_integration(tmp_path):
+    "bagel.data.PackedDataset over the toy mix: 3 steps from a model dir; resuming at step 2 repeats step 3."
+    from bagel.checkpoint import config_from_dir, load_tokenizer
+    from bagel.data import DataMix, PackedDataset, write_toy_dataset
+    from bagel.packing import PackConfig
+    from bagel.testing import write_tiny_checkpoint
+    md = write_tiny_checkpoint(tmp_path / "model")
+    tok, bcfg = load_tokenizer(md), config_from_dir(md)
+    mix = DataMix.from_yaml(write_toy_dataset(tmp_path / "data", n=6))
+    pcfg = PackConfig.from_model(bcfg, expected_num_tokens=200, max_num_tokens=256, max_num_tokens_per_sample=200,
+                                 prefer_buffer_before=128, max_buffer_size=4)
+    cfg = TrainConfig.tiny(total_steps=3, save_every=2, results_dir=str(tmp_path / "run"), auto_resume=True,
+                           finetune_from_hf=True, finetune_from_ema=True)
+    data = lambda r, w: PackedDataset(mix, tok, pcfg, rank=r, world_size=w, data_seed=cfg.data_seed)
+    first = train(cfg, str(md), data)
+    assert [r["step"] for r in first.history] == [1, 2, 3] and all(math.isfinite(r["loss"]) and r["mse"] > 0 for r in first.history)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000003")
+    again = train(cfg, str(md), data)
+    assert [r["step"] for r in again.history] == [3] and again.history[0]["loss"] == first.history[-1]["loss"]
+
+def test_bench_train_runs_on_cpu(tmp_path):
+    "bench/bench_train.py at the tiny size: one table row, appended to the given results file."
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_train import main, mixed_batch
+    rows = main(["--size", "tiny", "--steps", "1", "--pairs", "2", "--results", str(tmp_path / "R.md")])
+    assert len(rows) == 1 and rows[0][0] == "tiny" and "tokens/s" in (tmp_path / "R.md").read_text()
+    b = mixed_batch(BagelConfig.bagel_7b_mot(), pairs=2, vit_px=378, latent_tokens=32, text_len=512)
+    assert b.sequence_length == sum(b.sample_lens) == 2 * (27 * 27 + 2 + 514 + 514 + 32 * 32 + 2)
+    assert b.packed_vae_token_indexes.max() < b.sequence_length and len(b.ce_loss_indexes) == 2 * 513
