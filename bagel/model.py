@@ -319,7 +319,7 @@ def velocity(self: Bagel, ctxs: list,  # b contexts (never modified)
     v = self.llm2vae(out[torch.cat(blk.is_gen)]).float()
     return list(v.split([h * w for h, w in grids]))
 
-# %% ../nbs/02_model.ipynb #55c1ba90
+# %% ../nbs/02_model.ipynb #07c8051f
 @dataclass
 class PackedBatch:
     "One packed training sequence (spec §6.5); index tensors point into the packed sequence."
@@ -347,6 +347,14 @@ class PackedBatch:
     batch_data_indexes: dict | None = None           # where the data readers stood (resume bookkeeping)
 
 @patch
+def to(self: PackedBatch, device, non_blocking: bool = False) -> PackedBatch:
+    "A copy with every tensor on `device` (the lists and ints are shared)."
+    from dataclasses import fields
+    moved = {f.name: v.to(device, non_blocking=non_blocking) for f in fields(self)
+             if isinstance(v := getattr(self, f.name), Tensor) and v.device != torch.device(device)}
+    return replace(self, **moved) if moved else self
+
+@patch
 @torch.no_grad()
 def encode_images(self: PackedBatch, vae, generator: torch.Generator | None = None, sample: bool = True) -> PackedBatch:
     "Fill `padded_latent` by VAE-encoding `padded_images` (sampled, as BAGEL trains); returns self."
@@ -362,7 +370,7 @@ class TrainOutput:
     velocity_pred: Tensor | None    # [Nnoisy, p*p*C]
     velocity_target: Tensor | None  # [Nnoisy, p*p*C] = eps - x0
 
-# %% ../nbs/02_model.ipynb #56aa3297
+# %% ../nbs/02_model.ipynb #3e0e73f7
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     "Shift flow times toward noise: s*t / (1 + (s-1)*t) (identity for s = 1)."
     return shift * t / (1 + (shift - 1) * t)
@@ -371,6 +379,7 @@ def shift_timesteps(t: Tensor, shift: float) -> Tensor:
 def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | None = None) -> TrainOutput:
     "Training forward over a packed batch: CE logits at text-loss positions, velocities at noisy positions."
     cfg, dev, S = self.config, self.device, batch.sequence_length
+    batch = batch.to(dev)            # index tensors and inputs follow the model
     total = sum(batch.sample_lens)   # > S when the packer added a flex pad pseudo-sample (one causal split) at the end
     if sum(batch.split_lens) != total or total < S or (total > S and batch.attn_modes[-1] != "causal"):
         raise ValueError(f"sample_lens sum {total} and split_lens sum {sum(batch.split_lens)} must be equal and cover "

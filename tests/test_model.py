@@ -100,3 +100,11 @@ def test_flex_padding_pseudo_sample_leaves_outputs_unchanged():
                               attn_modes=batch.attn_modes + ["full"])
     with pytest.raises(ValueError, match="trailing causal pad"):
         model.forward_train(bad)
+
+def test_packed_batch_to_moves_every_tensor():
+    model = _model()
+    b = _batch(model)
+    assert b.to("cpu") is b                                   # nothing to move
+    m = b.to("meta")
+    assert all(t.device.type == "meta" for t in vars(m).values() if isinstance(t, torch.Tensor))
+    assert m.sample_lens is b.sample_lens and b.packed_text_ids.device.type == "cpu"   # a copy; the original stays
