@@ -1,0 +1,57 @@
+"""Seconds per image and peak GPU memory of text-to-image at full size (BAGEL-7B-MoT layout, random bf16 weights).
+
+The model is built directly on the GPU (meta device -> `to_empty` -> small random values; the fixed tables and RoPE
+frequencies recomputed), so no checkpoint is needed. The VAE is the FLUX one, random, in bf16 on the GPU. Timing is
+after one warm-up image, device synchronised; `--steps` sets `num_timesteps` (50: 49 model calls).
+
+    python -m bench.bench_generate --sizes 512 1024 --steps 50
+"""
+import argparse, time
+
+import torch
+
+def build(device="cuda", dtype=torch.bfloat16, cfg=None):
+    "Full-size Bagel + VAE with random weights on `device`, and an Inferencer over them."
+    from types import SimpleNamespace
+    from bagel.checkpoint import BagelBundle
+    from bagel.inferencer import Inferencer
+    from bagel.model import Bagel, BagelConfig, PositionEmbedding, SpecialTokens
+    from bagel.vae import AutoEncoder
+    cfg = cfg or BagelConfig.bagel_7b_mot()
+    with torch.device("meta"): model, vae = Bagel(cfg), AutoEncoder(cfg.vae)
+    model, vae = model.to_empty(device=device), vae.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for m in (model, vae):
+            for n, p in m.named_parameters():
+                if p.ndim == 1: p.copy_(1 + 0.05 * torch.randn(p.shape, generator=g, device=device)) if "norm" in n else p.normal_(0, 0.02, generator=g)
+                else: p.normal_(0, 1 / p[0].numel() ** 0.5, generator=g)
+        for mod in model.modules():
+            if isinstance(mod, PositionEmbedding): mod.reset_parameters()
+        model.language_model.model.rotary_emb.reset_parameters()
+    model, vae = model.to(dtype).eval(), vae.to(dtype).eval()
+    V = min(cfg.llm.vocab_size, 5000)
+    tok = SimpleNamespace(encode=lambda s: [16 + ord(c) % (V - 16) for c in s])   # ids only: no tokenizer needed
+    return Inferencer(BagelBundle(model, vae, tok, cfg))
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--steps", type=int, default=50)
+    a = ap.parse_args()
+    from bench.common import report, sync
+    inf = build()
+    rows = []
+    for size in a.sizes:
+        run = lambda: inf.gen_image("a photo of a bagel on a red plate, studio light", image_shapes=(size, size),
+                                    num_timesteps=a.steps, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
+                                    timestep_shift=3.0, generator=torch.Generator().manual_seed(0), progress=False)
+        run(); sync(); torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter(); run(); sync(); secs = time.perf_counter() - t0
+        rows.append([f"{size}x{size}", a.steps, round(secs, 2), round(torch.cuda.max_memory_allocated() / 2**30, 1)])
+    report("text-to-image, BAGEL-7B-MoT layout, random bf16 weights, plain path (sdpa per sequence; the CFG branches packed in one forward per step)",
+           ["size", "timesteps", "s / image", "peak GiB"], rows,
+           notes="cfg_text_scale 4 on [0.4, 1], timestep_shift 3, text guidance only (cfg_img_scale 1); VAE decode included.")
+
+if __name__ == "__main__":
+    main()
