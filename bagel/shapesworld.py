@@ -14,15 +14,16 @@ import yaml
 from PIL import Image, ImageDraw
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'SIZES', 'CELLS', 'RELATIONS', 'TAGS', 'NUMBERS', 'EDIT_OPS', 'QUESTION_TYPES',
-           'HELDOUT_KINDS', 'Obj', 'Scene', 'random_obj', 'random_scene', 'render', 'png_bytes', 'parse',
-           'parse_background', 'draw_parse', 'judge_agrees', 'degrade', 'holds', 'describe', 't2i_sample', 'scene_spec',
-           'check_t2i_spec', 'spec_holds', 'score_t2i', 'refer', 'apply_edit', 'random_edit', 'edit_instructions',
-           'edit_sample', 'score_edit', 'ask', 'vqa_sample', 'score_vqa', 't2i_row', 'edit_row', 'mix_config',
-           'write_shapesworld', 'heldout']
+__all__ = ['SHAPES', 'UNKNOWN', 'COLORS', 'BACKGROUNDS', 'SIZES', 'CELLS', 'RELATIONS', 'MIN_SHAPE_IOU', 'TAGS', 'NUMBERS',
+           'EDIT_OPS', 'QUESTION_TYPES', 'HELDOUT_KINDS', 'Obj', 'Scene', 'random_obj', 'random_scene', 'render',
+           'png_bytes', 'parse', 'parse_background', 'draw_parse', 'judge_agrees', 'degrade', 'holds', 'describe',
+           't2i_sample', 'scene_spec', 'check_t2i_spec', 'spec_holds', 'score_t2i', 'refer', 'apply_edit',
+           'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample', 'score_vqa', 't2i_row',
+           'edit_row', 'mix_config', 'write_shapesworld', 'heldout']
 
 # %% ../nbs/21_shapesworld.ipynb #658d4b9f
 SHAPES = ("circle", "square", "triangle", "diamond")
+UNKNOWN = "unknown"     # what the judge calls a blob that matches no shape (never generated)
 COLORS = {"red": (220, 20, 40), "green": (30, 170, 50), "blue": (30, 70, 220),
           "yellow": (250, 220, 40), "purple": (140, 50, 180), "orange": (250, 120, 0)}
 BACKGROUNDS = {"white": (255, 255, 255), "gray": (160, 160, 160)}
@@ -45,7 +46,7 @@ class Obj:
     dy: float = 0.0   # vertical jitter in [-1, 1]
 
     def __post_init__(self):
-        _check_choice("shape", self.shape, SHAPES); _check_choice("color", self.color, COLORS)
+        _check_choice("shape", self.shape, SHAPES + (UNKNOWN,)); _check_choice("color", self.color, COLORS)
         _check_choice("size", self.size, SIZES); _check_choice("cell", self.cell, CELLS)
         if not (-1 <= self.dx <= 1 and -1 <= self.dy <= 1): raise ValueError(f"dx, dy must lie in [-1, 1], got {self.dx}, {self.dy}")
 
@@ -198,15 +199,18 @@ def _shifted_templates(d: int, D: int) -> np.ndarray:  # -> [shapes, 3, 3, D, D]
     for k, s in enumerate(SHAPES): t[k, o:o + d, o:o + d] = _template(s, d)
     return np.lib.stride_tricks.sliding_window_view(t, (D, D), axis=(1, 2))
 
+MIN_SHAPE_IOU = 0.7  # below this best overlap a component is no shape: generated blobs must not pass as shapes
+
 def _classify(mask: np.ndarray, d: int) -> str:  # [h, w] bool, the component in its bounding box; d: expected side
-    "The shape whose ideal d x d mask overlaps the component best (IoU, best of 3x3 one-pixel shifts)."
+    "The shape whose ideal d x d mask overlaps the component best (IoU, best of 3x3 one-pixel shifts), or UNKNOWN."
     h, w = mask.shape
     D = max(h, w, d) + 2
     m = np.zeros((D, D), bool)
     m[(D - h) // 2:(D - h) // 2 + h, (D - w) // 2:(D - w) // 2 + w] = mask
     t = _shifted_templates(d, D)
     iou = (t & m).sum((-1, -2)) / (t | m).sum((-1, -2))                # [shapes, 3, 3]
-    return SHAPES[int(iou.reshape(len(SHAPES), -1).max(-1).argmax())]
+    best = iou.reshape(len(SHAPES), -1).max(-1)
+    return SHAPES[int(best.argmax())] if best.max() >= MIN_SHAPE_IOU else UNKNOWN
 
 def _parse(image, max_dist: float = 80.0, min_frac: float = 0.3) -> tuple:  # -> (background, [Obj])
     px = _pixels(image)

@@ -208,3 +208,15 @@ def test_malformed_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="unknown held-out kind"): heldout(1, "audio")
     assert parse(Image.new("RGBA", (64, 64), (0, 0, 0, 0))) == [] and parse_background(Image.new("LA", (64, 64))) == "white"  # transparent: white
     assert set(BACKGROUNDS) == {"white", "gray"}
+
+
+def test_blobs_are_not_shapes():
+    "Generated images are imperfect: a blob that matches no shape's outline must not pass as one."
+    from PIL import Image, ImageDraw, ImageFilter
+    import bagel.shapesworld as S
+    img = Image.new("RGB", (64, 64), S.BACKGROUNDS["white"])
+    d = ImageDraw.Draw(img)
+    d.ellipse((4, 4, 30, 14), fill=S.COLORS["red"])           # a flat smear, far from every template
+    d.polygon([(40, 40), (60, 44), (44, 60), (58, 58), (36, 52)], fill=S.COLORS["blue"])   # a star-ish splat
+    objs = S.parse(img.filter(ImageFilter.GaussianBlur(0.6)))
+    assert objs and all(o.shape == S.UNKNOWN for o in objs), objs
