@@ -15,7 +15,8 @@ def build(device="cuda", dtype=torch.bfloat16, cfg=None):
     from types import SimpleNamespace
     from bagel.checkpoint import BagelBundle
     from bagel.inferencer import Inferencer
-    from bagel.model import Bagel, BagelConfig, PositionEmbedding, SpecialTokens
+    from bagel.distributed import recompute_fixed_
+    from bagel.model import Bagel, BagelConfig
     from bagel.vae import AutoEncoder
     cfg = cfg or BagelConfig.bagel_7b_mot()
     with torch.device("meta"): model, vae = Bagel(cfg), AutoEncoder(cfg.vae)
@@ -26,9 +27,7 @@ def build(device="cuda", dtype=torch.bfloat16, cfg=None):
             for n, p in m.named_parameters():
                 if p.ndim == 1: p.copy_(1 + 0.05 * torch.randn(p.shape, generator=g, device=device)) if "norm" in n else p.normal_(0, 0.02, generator=g)
                 else: p.normal_(0, 1 / p[0].numel() ** 0.5, generator=g)
-        for mod in model.modules():
-            if isinstance(mod, PositionEmbedding): mod.reset_parameters()
-        model.language_model.model.rotary_emb.reset_parameters()
+    recompute_fixed_(model)                                  # sin-cos tables and RoPE frequencies, as loading does
     model, vae = model.to(dtype).eval(), vae.to(dtype).eval()
     V = min(cfg.llm.vocab_size, 5000)
     tok = SimpleNamespace(encode=lambda s: [16 + ord(c) % (V - 16) for c in s])   # ids only: no tokenizer needed
