@@ -67,8 +67,8 @@ def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     vae = AutoEncoder(BagelConfig.shapesworld().vae)
     train_vae(vae, VAETrainConfig(steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, image_size=cfg.size, seed=cfg.seed),
-              log=log)
-    save_file_atomic(vae.eval().state_dict(), base / AE_WEIGHTS)
+              log=log, device=_device())
+    save_file_atomic(vae.eval().cpu().state_dict(), base / AE_WEIGHTS)
     (base / "DONE").write_text("ok\n")
     return base
 
@@ -94,15 +94,20 @@ def train_bagel(cfg: RecipeConfig, base: Path, mix: Path):
     data = lambda rank, world: PackedDataset(DataMix.from_yaml(mix), tok, pack, rank=rank, world_size=world,
                                              data_seed=tcfg.data_seed)
     with torch.device("meta"): vae = AutoEncoder(bcfg.vae)
-    assign_from_file(vae, base / AE_WEIGHTS, torch.float32, "cpu")
+    assign_from_file(vae, base / AE_WEIGHTS, torch.float32, _device())   # the VAE encodes on the training device
     return train(tcfg, bcfg, data, vae=vae.eval().requires_grad_(False))
+
+def _device() -> str:
+    "This rank's device: its GPU (LOCAL_RANK) when there is one, else the CPU."
+    import os
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #9e4f616f
 def evaluate(cfg: RecipeConfig, model_dir: Path) -> dict:
     "ShapesWorld-Bench on the exported model (resumable); returns the summary."
     from bagel.eval import ShapesWorldBench, run
     from bagel.inferencer import Inferencer
-    inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32)
+    inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32, device=_device())
     return run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size), inf, None, Path(cfg.out) / "bench",
                {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}, verbose=False)
 
@@ -110,7 +115,7 @@ def samples(cfg: RecipeConfig, model_dir: Path) -> dict:
     "A few pictures for the report: T2I prompts, an edit, an answer (held-out, judged)."
     from bagel.inferencer import Inferencer
     from bagel.shapesworld import heldout, render, score_edit, score_t2i, score_vqa
-    inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32)
+    inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32, device=_device())
     out, g = Path(cfg.out), torch.Generator().manual_seed(cfg.seed)
     t2i = list(heldout(4, "t2i", seed=cfg.seed + 1))
     imgs = inf.gen_image([x["prompt"] for x in t2i], image_shapes=(cfg.size, cfg.size), num_timesteps=cfg.num_timesteps,

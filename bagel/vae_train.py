@@ -23,7 +23,7 @@ def prior_kl(mean: torch.Tensor, logvar: torch.Tensor, cfg: VAEConfig) -> torch.
     var = logvar.exp()
     return (0.5 * (math.log(tau2) - logvar) + (var + (mean - cfg.shift_factor) ** 2) / (2 * tau2) - 0.5).mean()
 
-# %% ../nbs/11_vae_train.ipynb #f0659685
+# %% ../nbs/11_vae_train.ipynb #ec722620
 @dataclass
 class VAETrainConfig:
     "Settings of `train_vae`."
@@ -44,17 +44,19 @@ def shapesworld_batches(batch_size: int, size: int, seed: int) -> Iterator[torch
         yield torch.stack([pil_to_tensor(render(random_scene(rng), size)) for _ in range(batch_size)])
 
 def train_vae(vae: AutoEncoder, cfg: VAETrainConfig = VAETrainConfig(), batches: Iterator | None = None,
-              log=print) -> list:  # -> history of (step, recon, kl)
-    "Train an AutoEncoder in place on image batches in [-1, 1] (default: ShapesWorld renders)."
+              log=print, device: str | torch.device | None = None) -> list:  # -> history of (step, recon, kl)
+    "Train an AutoEncoder in place on image batches in [-1, 1] (default: ShapesWorld renders), on `device`."
     batches = batches or shapesworld_batches(cfg.batch_size, cfg.image_size, cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(device or next(vae.parameters()).device)
+    vae.to(device)
+    g = torch.Generator(device).manual_seed(cfg.seed)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     vae.train(); hist, t0 = [], time.perf_counter()
     for step in range(1, cfg.steps + 1):
-        x = next(batches)
+        x = next(batches).to(device, non_blocking=True)
         mean, logvar = vae.encode_moments(x)
-        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g, device=device)
         recon = F.mse_loss(vae.decoder(z), x)
         kl = prior_kl(mean, logvar, vae.cfg)
         loss = recon + cfg.kl_weight * kl
