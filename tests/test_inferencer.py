@@ -44,10 +44,14 @@ def test_edit_contexts_and_positions(inf, monkeypatch):
     assert len(p.cond) == len(p.text) + instr and p.cond.rope == 2 + instr  # Z and V take one position each
     assert seen["shapes"] == [(p.image_shape)] and p.image_shape == (128, 176)  # resized by the VAE rule
 
-def test_understanding_think_prefix(inf):
-    a = inf.understand(Image.new("RGB", (32, 32)), "what is this?", think=True, max_length=3)
-    assert isinstance(a[0], str)
-    assert VLM_THINK_SYSTEM_PROMPT.count("\n") == 1
+def test_understanding_think_prefix(inf, monkeypatch):
+    "Think mode puts exactly the VLM system block before the image and question of the context decoding starts from."
+    lens = []
+    monkeypatch.setattr(inf, "gen_text", lambda ctxs, **k: lens.append(len(ctxs[0])) or [""])
+    img = Image.new("RGB", (32, 32))
+    inf.understand(img, "what is this?", think=False, max_length=3)
+    inf.understand(img, "what is this?", think=True, max_length=3)
+    assert lens[1] - lens[0] == _blk(inf, VLM_THINK_SYSTEM_PROMPT)
 
 def test_gen_text_greedy_matches_a_manual_loop_and_leaves_context(inf):
     m, tk = inf.model, inf.config.tokens
