@@ -35,6 +35,8 @@ class RecipeConfig:
     bench_n: int = 24                 # ShapesWorld-Bench size (T2I prompts and questions; edits n // 2)
     num_timesteps: int = 20
     cfg_text_scale: float = 4.0
+    num_workers: int = 0              # DataLoader worker processes reading and packing (0: in the training process)
+    model: dict = field(default_factory=dict)  # overrides of BagelConfig.shapesworld(): `llm:`/`vit:` field dicts, other fields
     train: dict = field(default_factory=lambda: dict(
         lr=1e-3, warmup_steps=50, total_steps=800, lr_scheduler="cosine", min_lr=1e-4, ema=0.99, log_every=25,
         save_every=200, auto_resume=True, sharding_strategy="NO_SHARD", num_shard=None, mixed_precision="fp32",
@@ -50,6 +52,16 @@ class RecipeConfig:
         train = {**cls().train, **(d.pop("train", None) or {})}
         return cls(**d, train=train)
 
+    def model_config(self) -> BagelConfig:
+        "BagelConfig.shapesworld() with the `model:` overrides applied."
+        base, d = BagelConfig.shapesworld(), dict(self.model)
+        try:
+            llm, vit = replace(base.llm, **d.pop("llm", None) or {}), replace(base.vit, **d.pop("vit", None) or {})
+            return replace(base, llm=llm, vit=vit, **d)
+        except TypeError as e:
+            raise ValueError(f"recipe `model:` has a key the model configs do not know ({e}); use `llm:` / `vit:` sub-dicts "
+                             f"of LLMConfig / ViTConfig fields, or BagelConfig fields") from None
+
     def train_config(self) -> TrainConfig:
         out = Path(self.out)
         return TrainConfig.from_dict({**self.train, "results_dir": str(out / "run"), "checkpoint_dir": str(out / "run" / "checkpoints")})
@@ -63,9 +75,9 @@ def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
     from bagel.vae_train import VAETrainConfig, train_vae
     base = Path(cfg.out) / "base"
     if (base / "DONE").exists(): return base
-    write_tiny_checkpoint(base, cfg=BagelConfig.shapesworld(), seed=cfg.seed)   # configs, tokenizer, (unused) weights
+    write_tiny_checkpoint(base, cfg=cfg.model_config(), seed=cfg.seed)   # configs, tokenizer, (unused) weights
     torch.manual_seed(cfg.seed)
-    vae = AutoEncoder(BagelConfig.shapesworld().vae)
+    vae = AutoEncoder(cfg.model_config().vae)
     train_vae(vae, VAETrainConfig(steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, image_size=cfg.size, seed=cfg.seed),
               log=log, device=_device())
     save_file_atomic(vae.eval().cpu().state_dict(), base / AE_WEIGHTS)
@@ -78,21 +90,25 @@ def make_data(cfg: RecipeConfig) -> Path:
     root = Path(cfg.out) / "shapesworld"
     if (root / "mix.yaml").exists(): return root / "mix.yaml"
     return Path(write_shapesworld(root, n_t2i=cfg.n_t2i, n_edit=cfg.n_edit, n_vlm=cfg.n_vlm, size=cfg.size,
-                                  seed=cfg.seed, rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size)["mix"])
+                                  seed=cfg.seed, rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size,
+                                  workers=max(1, cfg.num_workers))["mix"])
 
 def train_bagel(cfg: RecipeConfig, base: Path, mix: Path):
-    "Train BagelConfig.shapesworld() from a seeded init on the packed mix; returns the TrainResult."
+    "Train the recipe's model from a seeded init on the packed mix; returns the TrainResult."
     from bagel.checkpoint import AE_WEIGHTS, assign_from_file, load_tokenizer
     from bagel.data import DataMix, PackedDataset
     from bagel.packing import PackConfig
     from bagel.train import train
     from bagel.vae import AutoEncoder
-    tcfg, bcfg = cfg.train_config(), BagelConfig.shapesworld()
+    from torch.utils.data import DataLoader
+    tcfg, bcfg = cfg.train_config(), cfg.model_config()
     tok = load_tokenizer(base)
     pack = PackConfig.from_model(bcfg, expected_num_tokens=cfg.expected_num_tokens, max_num_tokens=cfg.max_num_tokens,
-                                 max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2)
-    data = lambda rank, world: PackedDataset(DataMix.from_yaml(mix), tok, pack, rank=rank, world_size=world,
-                                             data_seed=tcfg.data_seed)
+                                 max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
+                                 pad_to_max=tcfg.use_flex)   # flex: one sequence length, one compiled kernel
+    def data(rank, world):   # worker processes read, decode and pack while the device trains (resume state per worker)
+        ds = PackedDataset(DataMix.from_yaml(mix), tok, pack, rank=rank, world_size=world, data_seed=tcfg.data_seed)
+        return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4) if cfg.num_workers else ds
     with torch.device("meta"): vae = AutoEncoder(bcfg.vae)
     assign_from_file(vae, base / AE_WEIGHTS, torch.float32, _device())   # the VAE encodes on the training device
     return train(tcfg, bcfg, data, vae=vae.eval().requires_grad_(False))

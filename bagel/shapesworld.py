@@ -604,24 +604,38 @@ def mix_config(size: int, n_t2i_files: int, n_edit_files: int, n_vlm: int, weigh
                         "is_mandatory": True, "shuffle_lines": True, "shuffle_seed": 0, "num_used_data": [n_vlm], "weight": weights[2]}}
 
 # %% ../nbs/21_shapesworld.ipynb #9dd3db7c
-def _write_parquet(folder: Path, rows, n: int, schema, rows_per_file: int, row_group_size: int) -> list:
-    import pyarrow as pa, pyarrow.parquet as pq
-    folder.mkdir(parents=True)
-    names = []
-    for start in range(0, n, rows_per_file):
-        batch = [next(rows) for _ in range(min(rows_per_file, n - start))]
-        table = pa.table({c: [r[c] for r in batch] for c in schema.names}, schema=schema)
-        names.append(f"part-{len(names):05d}.parquet")
-        pq.write_table(table, folder / names[-1], row_group_size=row_group_size)
-    return names
+_SCHEMAS = {"t2i": lambda pa: pa.schema([("image", pa.binary()), ("captions", pa.string())]),
+            "edit": lambda pa: pa.schema([("image_list", pa.list_(pa.binary())), ("instruction_list", pa.list_(pa.list_(pa.string())))])}
 
-def _write_vlm(folder: Path, n: int, seed: int, size: int, jsonl_name: str):
+def _parquet_part(args) -> str:
+    "Write one parquet file: rows [start, stop) of `source` (a unit of work for a process pool)."
+    import pyarrow as pa, pyarrow.parquet as pq
+    path, source, seed, size, start, stop, row_group_size = args
+    make, schema = (t2i_row if source == "t2i" else edit_row), _SCHEMAS[source](pa)
+    rows = [make(_rng_for("train", source, seed, i), size) for i in range(start, stop)]
+    pq.write_table(pa.table({c: [r[c] for r in rows] for c in schema.names}, schema=schema), path, row_group_size=row_group_size)
+    return Path(path).name
+
+def _write_parquet(folder: Path, source: str, seed: int, size: int, n: int, rows_per_file: int, row_group_size: int, run) -> list:
+    folder.mkdir(parents=True)
+    jobs = [(str(folder / f"part-{k:05d}.parquet"), source, seed, size, start, min(start + rows_per_file, n), row_group_size)
+            for k, start in enumerate(range(0, n, rows_per_file))]
+    return list(run(_parquet_part, jobs))
+
+def _vlm_part(args) -> list:
+    "Render VLM images [start, stop); return their jsonl lines in order."
+    folder, seed, size, start, stop = args
+    lines = []
+    for i in range(start, stop):
+        v = vqa_sample(_rng_for("train", "vlm", seed, i))
+        render(v["scene"], size).save(Path(folder) / "images" / f"{i:06d}.png")
+        lines.append(json.dumps({"image": f"{i:06d}.png", "conversations": v["conversations"]}) + "\n")
+    return lines
+
+def _write_vlm(folder: Path, n: int, seed: int, size: int, jsonl_name: str, run, chunk: int = 500):
     (folder / "images").mkdir(parents=True)
-    with open(folder / jsonl_name, "w") as f:
-        for i in range(n):
-            v = vqa_sample(_rng_for("train", "vlm", seed, i))
-            render(v["scene"], size).save(folder / "images" / f"{i:06d}.png")
-            f.write(json.dumps({"image": f"{i:06d}.png", "conversations": v["conversations"]}) + "\n")
+    parts = run(_vlm_part, [(str(folder), seed, size, s, min(s + chunk, n)) for s in range(0, n, chunk)])
+    (folder / jsonl_name).write_text("".join(l for part in parts for l in part))
 
 # %% ../nbs/21_shapesworld.ipynb #64cbd547
 _OWNED = ("t2i", "editing", "vlm", "dataset_info.yaml", "mix.yaml")
@@ -633,10 +647,13 @@ def write_shapesworld(root,                         # folder to write into (crea
                       rows_per_file: int = 500,     # parquet rows per file
                       row_group_size: int = 50,     # parquet rows per row group
                       absolute_paths: bool = False, # write absolute paths (default: relative to root)
-                      overwrite: bool = False) -> dict:  # replace an existing ShapesWorld in root
+                      overwrite: bool = False,      # replace an existing ShapesWorld in root
+                      workers: int = 1) -> dict:    # processes rendering files in parallel (same bytes for any number)
     "Write the T2I, edit and VLM sources plus dataset_info.yaml and mix.yaml; return their paths."
-    import pyarrow as pa, pyarrow.parquet as pq
-    for name, v in (("n_t2i", n_t2i), ("n_edit", n_edit), ("n_vlm", n_vlm), ("rows_per_file", rows_per_file), ("row_group_size", row_group_size)):
+    import pyarrow.parquet as pq
+    from concurrent.futures import ProcessPoolExecutor
+    for name, v in (("n_t2i", n_t2i), ("n_edit", n_edit), ("n_vlm", n_vlm), ("rows_per_file", rows_per_file), ("row_group_size", row_group_size),
+                    ("workers", workers)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     render(Scene(), size)                                          # validates size
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
@@ -644,15 +661,14 @@ def write_shapesworld(root,                         # folder to write into (crea
         raise FileExistsError(f"{root} already holds {taken}: pass overwrite=True to replace them, or write elsewhere")
     base = str(root.resolve()) + "/" if absolute_paths else ""
     stage = Path(tempfile.mkdtemp(prefix=".shapesworld-", dir=root))
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    run = pool.map if pool else map                                  # every unit is seeded by its indices alone
     try:
-        t2i = _write_parquet(stage / "t2i", (t2i_row(_rng_for("train", "t2i", seed, i), size) for i in range(n_t2i)), n_t2i,
-                             pa.schema([("image", pa.binary()), ("captions", pa.string())]), rows_per_file, row_group_size)
-        edit = _write_parquet(stage / "editing", (edit_row(_rng_for("train", "edit", seed, i), size) for i in range(n_edit)), n_edit,
-                              pa.schema([("image_list", pa.list_(pa.binary())), ("instruction_list", pa.list_(pa.list_(pa.string())))]),
-                              rows_per_file, row_group_size)
+        t2i = _write_parquet(stage / "t2i", "t2i", seed, size, n_t2i, rows_per_file, row_group_size, run)
+        edit = _write_parquet(stage / "editing", "edit", seed, size, n_edit, rows_per_file, row_group_size, run)
         info = {f"{base}editing/{f}": {"num_row_groups": pq.ParquetFile(stage / "editing" / f).metadata.num_row_groups} for f in edit}
         (stage / "editing" / "parquet_info.json").write_text(json.dumps(info, indent=1))
-        _write_vlm(stage / "vlm", n_vlm, seed, size, "shapesworld_vlm.jsonl")
+        _write_vlm(stage / "vlm", n_vlm, seed, size, "shapesworld_vlm.jsonl", run)
         registry = {"t2i_pretrain": {"shapesworld": {"data_dir": f"{base}t2i", "num_files": len(t2i), "num_total_samples": n_t2i}},
                     "unified_edit": {"shapesworld": {"data_dir": f"{base}editing", "parquet_info_path": f"{base}editing/parquet_info.json",
                                                      "num_files": len(edit), "num_total_samples": n_edit}},
@@ -666,6 +682,7 @@ def write_shapesworld(root,                         # folder to write into (crea
             if (root / p).is_dir(): shutil.rmtree(root / p)
             os.replace(stage / p, root / p)
     finally:
+        if pool: pool.shutdown()
         shutil.rmtree(stage, ignore_errors=True)
     return {"root": root, "t2i": [root / "t2i" / f for f in t2i], "editing": [root / "editing" / f for f in edit],
             "parquet_info": root / "editing" / "parquet_info.json", "vlm_images": root / "vlm" / "images",

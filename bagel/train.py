@@ -78,6 +78,8 @@ class TrainConfig:
     compile: bool = False                 # torch.compile each decoder layer
     peak_device_tflops: float = 0.0       # 0: detect from the GPU name (spec §5.8)
     progress: bool = True                 # tqdm bar on rank 0
+    max_seconds: float | None = None      # stop (with a checkpoint) at the first log step after this many seconds of
+                                          # this call's training; auto_resume continues the run in a later call
 
     def __post_init__(self): _check_train_config(self)
 
@@ -91,6 +93,8 @@ def _check_train_config(c: TrainConfig):
     if c.mixed_precision not in ("bf16", "fp32"): raise ValueError(f"mixed_precision must be 'bf16' or 'fp32', got {c.mixed_precision!r}")
     for k in ("total_steps", "gradient_accumulation_steps", "log_every", "save_every", "num_replicate"):
         if not isinstance(getattr(c, k), int) or getattr(c, k) < 1: raise ValueError(f"TrainConfig.{k} must be an int >= 1, got {getattr(c, k)!r}")
+    if c.max_seconds is not None and not c.max_seconds >= 0:
+        raise ValueError(f"max_seconds must be None or >= 0, got {c.max_seconds!r}")
     if c.warmup_steps < 0: raise ValueError(f"warmup_steps must be >= 0, got {c.warmup_steps}")
     if not 0.0 <= c.ema <= 1.0: raise ValueError(f"ema (decay) must be in [0, 1], got {c.ema}")
     if not (c.visual_gen or c.visual_und): raise ValueError("visual_gen and visual_und are both False: enable at least one")
@@ -473,12 +477,13 @@ def _loop(cfg, net, opt, sched, ema, vae, bcfg, it, tracker, gen, step, ckpt, me
     rank, W, history = get_rank(), get_world_size(), []
     peak = cfg.peak_device_tflops or detect_peak_tflops()
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not cfg.progress or rank != 0, desc="train")
-    win = torch.zeros(3); t0 = time.perf_counter()                           # tokens, sum len^2, samples
+    win = torch.zeros(4); t0 = start = time.perf_counter()                  # tokens, sum len^2, samples, out-of-time ranks
     net.train()
     def save():
         state = {"model": get_model_state_dict(net), "ema": ema.params, "optim": get_optimizer_state_dict(net, opt)}
         return save_checkpoint(cfg.ckpt_dir, step, state, {"step": step, "scheduler": sched.state_dict()},
                                {"rng": _rng_state(gen), "data": tracker.state_dict()}, meta)
+    late = 0.0
     while step < cfg.total_steps:
         try: batches = [next(it) for _ in range(cfg.gradient_accumulation_steps)]
         except StopIteration:
@@ -486,9 +491,10 @@ def _loop(cfg, net, opt, sched, ema, vae, bcfg, it, tracker, gen, step, ckpt, me
         rec = train_step(net, opt, sched, ema, batches, cfg, gen, vae)
         step += 1; tracker.update(batches); bar.update(1)
         lens = [n for b in batches for n in b.sample_lens]
-        win += torch.tensor([float(sum(lens)), float(sum(n * n for n in lens)), float(len(lens))])
+        win[:3] += torch.tensor([float(sum(lens)), float(sum(n * n for n in lens)), float(len(lens))])
         if step % cfg.log_every == 0 or step == cfg.total_steps:
-            tok, sq, smp = all_reduce_sum(win.to(net.device)).cpu().tolist()
+            win[3] = float(cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds)
+            tok, sq, smp, late = all_reduce_sum(win.to(net.device)).cpu().tolist()   # every rank sees the same `late`
             dt = time.perf_counter() - t0
             tflops = train_flops(bcfg.llm, tok, sq) / dt / 1e12
             rec |= dict(step=step, tokens=int(tok), samples=int(smp), tokens_per_s=tok / dt, tflops=tflops,
@@ -497,6 +503,9 @@ def _loop(cfg, net, opt, sched, ema, vae, bcfg, it, tracker, gen, step, ckpt, me
             if rank == 0: _write_metrics(metrics, rec); bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
             win.zero_(); t0 = time.perf_counter()
         for cb in callbacks: cb(step, rec)
-        if step % cfg.save_every == 0 or step == cfg.total_steps: ckpt = save()
+        if step % cfg.save_every == 0 or step == cfg.total_steps or late: ckpt = save()
+        if late:
+            if rank == 0: print(f"max_seconds={cfg.max_seconds} reached at step {step}: saved; resume continues from here")
+            break
     bar.close()
     return TrainResult(net, ema, vae, bcfg, step, history, ckpt)

@@ -23,9 +23,12 @@ def test_deterministic_for_a_seed(tmp_path):
     a = write_shapesworld(tmp_path / "a", n_t2i=30, n_edit=20, n_vlm=10, seed=5, rows_per_file=20, row_group_size=5)
     b = write_shapesworld(tmp_path / "b", n_t2i=30, n_edit=20, n_vlm=10, seed=5, rows_per_file=20, row_group_size=5)
     c = write_shapesworld(tmp_path / "c", n_t2i=30, n_edit=20, n_vlm=10, seed=6, rows_per_file=20, row_group_size=5)
+    d = write_shapesworld(tmp_path / "d", n_t2i=30, n_edit=20, n_vlm=10, seed=5, rows_per_file=20, row_group_size=5, workers=2)
+    assert a["vlm_jsonl"].read_text() == d["vlm_jsonl"].read_text()                 # a process pool writes the same bytes
+    assert all(p.read_bytes() == (d["vlm_images"] / p.name).read_bytes() for p in a["vlm_images"].iterdir())
     for key in ("t2i", "editing"):
         ta = [pq.read_table(p).to_pylist() for p in a[key]]
-        assert ta == [pq.read_table(p).to_pylist() for p in b[key]]
+        assert ta == [pq.read_table(p).to_pylist() for p in b[key]] == [pq.read_table(p).to_pylist() for p in d[key]]
         assert ta != [pq.read_table(p).to_pylist() for p in c[key]]
     assert a["vlm_jsonl"].read_text() == b["vlm_jsonl"].read_text()
     assert (a["vlm_images"] / "000003.png").read_bytes() == (b["vlm_images"] / "000003.png").read_bytes()

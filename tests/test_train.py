@@ -195,6 +195,29 @@ def test_packed_dataset_integration(tmp_path):
     again = train(cfg, str(md), data)
     assert [r["step"] for r in again.history] == [3] and again.history[0]["loss"] == first.history[-1]["loss"]
 
+def test_time_budget_stops_with_a_checkpoint_and_workers_resume(tmp_path):
+    "max_seconds=0 stops at the first log step with a checkpoint; a DataLoader with 2 workers resumes it exactly."
+    from torch.utils.data import DataLoader
+    from bagel.checkpoint import config_from_dir, load_tokenizer
+    from bagel.data import DataMix, PackedDataset, write_toy_dataset
+    from bagel.packing import PackConfig
+    from bagel.testing import write_tiny_checkpoint
+    md = write_tiny_checkpoint(tmp_path / "model")
+    tok, bcfg = load_tokenizer(md), config_from_dir(md)
+    mix = DataMix.from_yaml(write_toy_dataset(tmp_path / "data", n=8))
+    pcfg = PackConfig.from_model(bcfg, expected_num_tokens=200, max_num_tokens=256, max_num_tokens_per_sample=200,
+                                 prefer_buffer_before=128, max_buffer_size=4)
+    data = lambda r, w: DataLoader(PackedDataset(mix, tok, pcfg, rank=r, world_size=w, data_seed=7), batch_size=None, num_workers=2)
+    cfg = TrainConfig.tiny(total_steps=5, log_every=2, save_every=100, auto_resume=True, finetune_from_hf=True,
+                           finetune_from_ema=True, progress=False)
+    ref = train(replace(cfg, results_dir=str(tmp_path / "ref")), str(md), data)
+    cut = train(replace(cfg, results_dir=str(tmp_path / "run"), max_seconds=0.0), str(md), data)
+    assert cut.step == 2 and latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_0000002"
+    rest = train(replace(cfg, results_dir=str(tmp_path / "run")), str(md), data)
+    assert rest.step == 5 and [r["step"] for r in rest.history] == [4, 5]
+    assert [r["loss"] for r in cut.history + rest.history] == [r["loss"] for r in ref.history]
+    with pytest.raises(ValueError, match="max_seconds"): TrainConfig.tiny(max_seconds=-1)
+
 def test_bench_train_runs_on_cpu(tmp_path):
     "bench/bench_train.py at the tiny size: one table row, appended to the given results file."
     sys.path.insert(0, str(ROOT))
