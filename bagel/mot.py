@@ -291,9 +291,13 @@ def n_q(self: AttnPlan) -> int: return sum(self.q_lens)
 @patch(as_prop=True)
 def n_k(self: AttnPlan) -> int: return sum(self.q_lens) + sum(self.kv_lens)
 @patch(as_prop=True)
-def cu_q(self: AttnPlan) -> tuple: return _cumsum(self.q_lens)  # [n_seq+1] query offsets
+def cu_q(self: AttnPlan) -> tuple:  # [n_seq+1] query offsets (memoised: loops index it per sequence)
+    if "cu_q" not in self._memo: self._memo["cu_q"] = _cumsum(self.q_lens)
+    return self._memo["cu_q"]
 @patch(as_prop=True)
-def cu_k(self: AttnPlan) -> tuple: return _cumsum(k + q for k, q in zip(self.kv_lens, self.q_lens))  # key offsets
+def cu_k(self: AttnPlan) -> tuple:  # [n_seq+1] key offsets (cached + new per sequence)
+    if "cu_k" not in self._memo: self._memo["cu_k"] = _cumsum(k + q for k, q in zip(self.kv_lens, self.q_lens))
+    return self._memo["cu_k"]
 
 @patch
 def seq_kind(self: AttnPlan, i: int) -> str:

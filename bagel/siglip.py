@@ -181,11 +181,22 @@ class NaViTAttention(nn.Module):
         self.num_heads, self.dropout = cfg.num_attention_heads, cfg.attention_dropout
 
     def forward(self, x, cu_seqlens):  # [n, D], [b+1] -> [n, D]
-        q, k, v = (rearrange(f(x), "n (h d) -> h n d", h=self.num_heads) for f in (self.q_proj, self.k_proj, self.v_proj))
+        "Images of equal length attend in one batched SDPA call (one call per distinct length, not per image)."
+        q, k, v = (rearrange(f(x), "n (h d) -> n h d", h=self.num_heads) for f in (self.q_proj, self.k_proj, self.v_proj))
         bounds, p = cu_seqlens.tolist(), (self.dropout if self.training else 0.0)
-        out = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], dropout_p=p)  # [h, n_i, d]
-               for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-        return self.out_proj(rearrange(torch.cat(out, dim=1), "h n d -> n (h d)"))
+        groups = {}                                          # length -> start offsets of the images that long
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            if e > s: groups.setdefault(e - s, []).append(s)
+        if len(groups) == 1 and bounds[-1] == len(x):        # one length: a plain reshape, no gather
+            (L, _), = groups.items()
+            o = F.scaled_dot_product_attention(*(rearrange(t, "(b n) h d -> b h n d", n=L) for t in (q, k, v)), dropout_p=p)
+            return self.out_proj(rearrange(o, "b h n d -> (b n) (h d)"))
+        idx, outs = [], []
+        for L, starts in groups.items():
+            ix = (torch.tensor(starts, device=x.device)[:, None] + torch.arange(L, device=x.device)).flatten()  # [b_L * L]
+            o = F.scaled_dot_product_attention(*(rearrange(t[ix], "(b n) h d -> b h n d", n=L) for t in (q, k, v)), dropout_p=p)
+            idx.append(ix); outs.append(rearrange(o, "b h n d -> (b n) (h d)"))
+        return self.out_proj(torch.cat(outs)[torch.cat(idx).argsort()])
 
 # %% ../nbs/01_siglip_navit.ipynb #773f5f4c
 class NaViTEncoderLayer(nn.Module):

@@ -156,3 +156,18 @@ def test_input_errors():
     with pytest.raises(ValueError, match="square conv kernel"): conv_to_linear_patch_weight(torch.zeros(4, 3, 2, 3))
     with pytest.raises(ValueError, match="not 3\\*P\\*P"): linear_to_conv_patch_weight(torch.zeros(4, 13))
     with pytest.raises(TypeError, match="wants a dict"): ViTConfig.from_dict([("hidden_size", 4)])
+
+def test_attention_groups_images_by_length():
+    "Packed NaViT attention (batched per distinct length) equals attention image by image, forward and backward."
+    from bagel.siglip import NaViTAttention
+    torch.manual_seed(0)
+    attn = NaViTAttention(ViTConfig.tiny())
+    for lens in ([4, 9, 4, 16, 9], [9, 9, 9], [5]):
+        x = torch.randn(sum(lens), attn.q_proj.in_features, requires_grad=True)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+        got = attn(x, cu)
+        ref = torch.cat([attn(x[s:e], torch.tensor([0, e - s])) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
+        assert torch.allclose(got, ref, atol=1e-6), lens
+        g1, = torch.autograd.grad(got.square().sum(), x)
+        g2, = torch.autograd.grad(ref.square().sum(), x)
+        assert torch.allclose(g1, g2, atol=1e-5), lens

@@ -1,0 +1,117 @@
+"""The ShapesWorld recipe's training throughput, split into its two producers: the data pipeline and the device step.
+
+(1) data: packs per second that a DataLoader with `--workers` processes delivers (read parquet/jsonl, decode PNGs,
+transform, tokenise, pack), after warm-up; (2) step: seconds per optimizer step of the recipe's model on packs held in
+memory (VAE encode + forward_train + backward + clip + AdamW + EMA), after the compile warm-up. Training runs at the
+slower of the two. `--profile` adds a torch.profiler table of the step (top ops by device and by host time).
+
+    python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --workers 12          # one GPU
+    python -m bench.bench_recipe --config configs/shapesworld_cpu.yaml --workers 0 --steps 2  # CPU smoke run
+"""
+import argparse, itertools, tempfile, time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+def data_rate(cfg, mix, tok, pack, workers: int, n: int) -> tuple:  # -> (packs/s, tokens/s, packs)
+    "Packs per second from a DataLoader over the mix (after the first pack of each worker)."
+    from torch.utils.data import DataLoader
+    from bagel.data import DataMix, PackedDataset
+    ds = PackedDataset(DataMix.from_yaml(mix), tok, pack, data_seed=0)
+    it = iter(DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None))
+    t0 = time.perf_counter()
+    keep = [next(it) for _ in range(max(1, workers))]
+    print(f"  first {len(keep)} packs (worker start-up) in {time.perf_counter() - t0:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    got = [next(it) for _ in range(n)]
+    dt = time.perf_counter() - t0
+    return n / dt, sum(sum(b.sample_lens) for b in got) / dt, keep + got
+
+def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
+    "Seconds per optimizer step over packs held in memory (cycled), after 3 warm-up steps."
+    from bagel.train import EMA, build_model, make_optimizer, model_config, train_step
+    from bagel.distributed import make_mesh
+    from bagel.testing import init_random_
+    from bagel.vae import AutoEncoder
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    tcfg, bcfg = cfg.train_config(), cfg.model_config()
+    net = build_model(model_config(tcfg, bcfg), tcfg, make_mesh(tcfg.sharding_strategy, 1, None, dev.type), dev)
+    vae = init_random_(AutoEncoder(bcfg.vae), torch.Generator().manual_seed(0)).to(dev).eval().requires_grad_(False)
+    opt, sched = make_optimizer(net, tcfg); ema = EMA(net, tcfg.ema)
+    gen = torch.Generator(dev).manual_seed(0)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cycle = itertools.cycle(packs)
+    fresh = lambda: replace(next(cycle), padded_latent=None)          # every step encodes its images, as training does
+    t0 = time.perf_counter()
+    for i in range(3):
+        t1 = time.perf_counter(); train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae); sync()
+        print(f"  warm-up step {i}: {time.perf_counter() - t1:.2f} s", flush=True)
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t1 = time.perf_counter(); train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae); sync()
+        times.append(time.perf_counter() - t1)
+    dt = sum(times) / steps
+    print("  step times:", " ".join(f"{t:.3f}" for t in times), flush=True)
+    print(f"step: {dt:.4f} s/step over {steps} steps", flush=True)
+    table = None
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with prof(activities=acts) as p:
+            for _ in range(3): train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae)
+            sync()
+        ka = p.key_averages()
+        table = (ka.table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=18, max_name_column_width=60)
+                 + "\n" + ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    return dict(step_s=dt, warmup_s=warm, params=sum(p.numel() for p in net.parameters()), table=table,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+COLUMNS = ["config", "model params", "tokens/pack", "samples/pack", "data workers", "data packs/s", "step s",
+           "step packs/s", "bound by", "warm-up s", "peak GiB"]
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, default=Path("configs/shapesworld_gpu.yaml"))
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the config's num_workers)")
+    ap.add_argument("--samples", type=int, default=4000, help="ShapesWorld samples per source to write for the run")
+    ap.add_argument("--packs", type=int, default=30, help="packs timed for the data rate")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
+    a = ap.parse_args(argv)
+    from bagel.checkpoint import load_tokenizer
+    from bagel.packing import PackConfig
+    from bagel.recipe import RecipeConfig, make_data
+    from bagel.testing import write_tiny_tokenizer
+    from bench.common import RESULTS, report
+    cfg = RecipeConfig.from_yaml(a.config)
+    workers = cfg.num_workers if a.workers is None else a.workers
+    out = a.out or Path(tempfile.mkdtemp(prefix="bench_recipe-"))
+    cfg = replace(cfg, out=str(out), n_t2i=a.samples, n_edit=a.samples // 2, n_vlm=a.samples, num_workers=workers)
+    t0 = time.perf_counter(); mix = make_data(cfg)
+    print(f"data written in {time.perf_counter() - t0:.1f} s ({workers} processes)", flush=True)
+    tok = load_tokenizer(write_tiny_tokenizer(out / "tok", vocab_size=cfg.model_config().llm.vocab_size))
+    tcfg, bcfg = cfg.train_config(), cfg.model_config()
+    pack = PackConfig.from_model(bcfg, expected_num_tokens=cfg.expected_num_tokens, max_num_tokens=cfg.max_num_tokens,
+                                 max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
+                                 pad_to_max=tcfg.use_flex)
+    dps, tps, packs = data_rate(cfg, mix, tok, pack, workers, a.packs)
+    print(f"data: {dps:.2f} packs/s, {tps:,.0f} tokens/s with {workers} workers", flush=True)
+    s = step_time(cfg, packs[:8], a.steps, a.profile)
+    if s["table"]: print(s["table"])
+    spp = 1 / s["step_s"]
+    row = [a.config.name, f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
+           workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
+           round(s["warmup_s"], 1), round(s["peak_gib"], 2)]
+    report("ShapesWorld recipe: data pipeline vs device step", COLUMNS, [row],
+           notes=f"data: {tps:,.0f} tokens/s from {workers} DataLoader workers (pack incl. a flex pad when use_flex); "
+                 "step: VAE encode + forward + backward + clip + AdamW + EMA on packs held in memory.",
+           results=a.results or RESULTS)
+    return row
+
+if __name__ == "__main__":
+    main()
