@@ -165,7 +165,8 @@ def generate_from(self: Inferencer, prompts: list, shapes: list,
                   cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.5,
                   sampling: SamplingConfig = SamplingConfig(),
                   noise: list | None = None, generator: torch.Generator | None = None,
-                  callback=None, progress: bool = True) -> list:
+                  callback=None, progress: bool = True,
+                  step_cache=None) -> list:  # a bagel.stepcache.StepCache: skip decoder calls (None: every call computed)
     "Sample one image per prepared Prompt (its three contexts) and decode them."
     shapes = [self._check_shape(s) for s in shapes]
     d, D = self.config.latent_downsample, self.config.patch_latent_dim
@@ -178,6 +179,8 @@ def generate_from(self: Inferencer, prompts: list, shapes: list,
                 Branch("img", [p.img for p in prompts], cfg_img_scale)]
     B = len(prompts)
     velocity = lambda ctxs, xs, t: self.model.velocity(ctxs, xs, t, [grids[i % B] for i in range(len(ctxs))])
+    if step_cache is not None:
+        velocity = step_cache.model_velocity(self.model, lambda ctxs: [grids[i % B] for i in range(len(ctxs))])
     x0 = sample(velocity, [n.float() for n in noise], branches, sampling, callback=callback, progress=progress)
     return [self.decode_latents(x, s) for x, s in zip(x0, shapes)]
 
@@ -197,7 +200,8 @@ def gen_image(self: Inferencer,
               noise: list | None = None,               # initial noise per image [h*w, 64], or drawn from `generator`
               generator: torch.Generator | None = None,
               callback=None, progress: bool = True,
-              return_think: bool = False) -> list:     # images (and think texts if asked)
+              return_think: bool = False,              # images (and think texts if asked)
+              step_cache=None) -> list:                # a bagel.stepcache.StepCache (None: off)
     "Text-to-image (no `images`) or editing (with `images`) for a batch of prompts."
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -228,7 +232,8 @@ def gen_image(self: Inferencer,
     else:
         shapes = list(image_shapes)
         if len(shapes) != len(ps): raise ValueError(f"{len(shapes)} image_shapes for {len(ps)} prompts")
-    out = self.generate_from(ps, shapes, cfg_text_scale, cfg_img_scale, sampling, noise, generator, callback, progress)
+    out = self.generate_from(ps, shapes, cfg_text_scale, cfg_img_scale, sampling, noise, generator, callback, progress,
+                             step_cache=step_cache)
     return (out, thoughts) if return_think else out
 
 Inferencer.gen_image = gen_image

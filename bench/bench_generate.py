@@ -2,9 +2,11 @@
 
 The model is built directly on the GPU (meta device -> `to_empty` -> small random values; the fixed tables and RoPE
 frequencies recomputed), so no checkpoint is needed. The VAE is the FLUX one, random, in bf16 on the GPU. Timing is
-after one warm-up image, device synchronised; `--steps` sets `num_timesteps` (50: 49 model calls).
+after one warm-up image, device synchronised; `--steps` sets `num_timesteps` (50: 49 model calls). `--quant` runs
+each listed mode (bagel.quant: bf16, nf4, int8; needs bitsandbytes) on a freshly built model, quantised on the GPU.
 
     python -m bench.bench_generate --sizes 512 1024 --steps 50
+    python -m bench.bench_generate --sizes 1024 --quant bf16 nf4 int8
 """
 import argparse, time
 
@@ -37,7 +39,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--quant", nargs="+", choices=["bf16", "nf4", "int8"], default=None,
+                    help="quantisation modes to measure (bagel.quant.quantize_, default skip list); default: plain bf16")
     a = ap.parse_args()
+    if a.quant: return main_quant(a)
     from bench.common import report, sync
     inf = build()
     rows = []
@@ -51,6 +56,32 @@ def main():
     report("text-to-image, BAGEL-7B-MoT layout, random bf16 weights, plain path (sdpa per sequence; the CFG branches packed in one forward per step)",
            ["size", "timesteps", "s / image", "peak GiB"], rows,
            notes="cfg_text_scale 4 on [0.4, 1], timestep_shift 3, text guidance only (cfg_img_scale 1); VAE decode included.")
+
+def main_quant(a):
+    "One table: seconds per image, resident weights and peak memory per quantisation mode and size."
+    import gc
+    from bench.common import report, sync
+    from bagel.quant import quantize_, module_bytes
+    rows = []
+    for mode in a.quant:
+        inf = build()
+        quantize_(inf.model, mode)
+        gc.collect(); torch.cuda.empty_cache()
+        weights = module_bytes(inf.model) / 2**30
+        for size in a.sizes:
+            run = lambda: inf.gen_image("a photo of a bagel on a red plate, studio light", image_shapes=(size, size),
+                                        num_timesteps=a.steps, cfg_text_scale=4.0, cfg_img_scale=1.0,
+                                        cfg_interval=(0.4, 1.0), timestep_shift=3.0,
+                                        generator=torch.Generator().manual_seed(0), progress=False)
+            run(); sync(); torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter(); run(); sync(); secs = time.perf_counter() - t0
+            rows.append([mode, f"{size}x{size}", a.steps, round(secs, 2), round(weights, 1),
+                         round(torch.cuda.max_memory_allocated() / 2**30, 1)])
+        del inf, run; gc.collect(); torch.cuda.empty_cache()
+    report("text-to-image per quantisation mode, BAGEL-7B-MoT layout, random weights (bagel.quant default skip list)",
+           ["mode", "size", "timesteps", "s / image", "weights GiB", "peak GiB"], rows,
+           notes="cfg_text_scale 4 on [0.4, 1], timestep_shift 3, cfg_img_scale 1; VAE (bf16, GPU) decode included; "
+                 "compare with bagel.quant.plan_memory.")
 
 if __name__ == "__main__":
     main()
