@@ -93,7 +93,7 @@ def make_data(cfg: RecipeConfig) -> Path:
                                   seed=cfg.seed, rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size,
                                   workers=max(1, cfg.num_workers))["mix"])
 
-def train_bagel(cfg: RecipeConfig, base: Path, mix: Path):
+def train_bagel(cfg: RecipeConfig, base: Path, mix: Path, log=print):
     "Train the recipe's model from a seeded init on the packed mix; returns the TrainResult."
     from bagel.checkpoint import AE_WEIGHTS, assign_from_file, load_tokenizer
     from bagel.data import DataMix, PackedDataset
@@ -111,7 +111,11 @@ def train_bagel(cfg: RecipeConfig, base: Path, mix: Path):
         return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4) if cfg.num_workers else ds
     with torch.device("meta"): vae = AutoEncoder(bcfg.vae)
     assign_from_file(vae, base / AE_WEIGHTS, torch.float32, _device())   # the VAE encodes on the training device
-    return train(tcfg, bcfg, data, vae=vae.eval().requires_grad_(False))
+    def show(step, rec):     # without a progress bar (logs, batch jobs): one line per logged step
+        if "tokens_per_s" in rec and not tcfg.progress:
+            log(f"step {step}: loss {rec['loss']:.4f} (ce {rec['ce']:.3f}, mse {rec['mse']:.3f}), {rec['tokens_per_s']:,.0f} tokens/s, "
+                f"{100 * rec['data_wait']:.0f}% waiting for data")
+    return train(tcfg, bcfg, data, vae=vae.eval().requires_grad_(False), callbacks=(show,))
 
 def _device() -> str:
     "This rank's device: its GPU (LOCAL_RANK) when there is one, else the CPU."
@@ -160,7 +164,7 @@ def run_shapesworld(cfg: RecipeConfig = RecipeConfig(), log=print) -> dict:
         log(f"== {name}"); t0 = time.perf_counter(); r = fn(); times[name] = round(time.perf_counter() - t0, 1); return r
     mix = stage("data", lambda: make_data(cfg))
     base = stage("vae", lambda: make_base_dir(cfg, log=log))
-    res = stage("train", lambda: train_bagel(cfg, base, mix))
+    res = stage("train", lambda: train_bagel(cfg, base, mix, log=log))
     model_dir = stage("export", lambda: export_ema(latest_checkpoint(cfg.train_config().ckpt_dir), out / "model", model_dir=base))
     summary = stage("bench", lambda: evaluate(cfg, model_dir))
     pics = stage("samples", lambda: samples(cfg, model_dir))

@@ -477,7 +477,7 @@ def _loop(cfg, net, opt, sched, ema, vae, bcfg, it, tracker, gen, step, ckpt, me
     rank, W, history = get_rank(), get_world_size(), []
     peak = cfg.peak_device_tflops or detect_peak_tflops()
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not cfg.progress or rank != 0, desc="train")
-    win = torch.zeros(4); t0 = start = time.perf_counter()                  # tokens, sum len^2, samples, out-of-time ranks
+    win = torch.zeros(5); t0 = start = time.perf_counter()                  # tokens, sum len^2, samples, out-of-time ranks, data wait
     net.train()
     def save():
         state = {"model": get_model_state_dict(net), "ema": ema.params, "optim": get_optimizer_state_dict(net, opt)}
@@ -485,19 +485,22 @@ def _loop(cfg, net, opt, sched, ema, vae, bcfg, it, tracker, gen, step, ckpt, me
                                {"rng": _rng_state(gen), "data": tracker.state_dict()}, meta)
     late = 0.0
     while step < cfg.total_steps:
+        tw = time.perf_counter()
         try: batches = [next(it) for _ in range(cfg.gradient_accumulation_steps)]
         except StopIteration:
             warnings.warn(f"the data ran out after {step} steps"); break
+        win[4] += time.perf_counter() - tw                                  # seconds spent waiting for data
         rec = train_step(net, opt, sched, ema, batches, cfg, gen, vae)
         step += 1; tracker.update(batches); bar.update(1)
         lens = [n for b in batches for n in b.sample_lens]
         win[:3] += torch.tensor([float(sum(lens)), float(sum(n * n for n in lens)), float(len(lens))])
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             win[3] = float(cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds)
-            tok, sq, smp, late = all_reduce_sum(win.to(net.device)).cpu().tolist()   # every rank sees the same `late`
+            tok, sq, smp, late, wait = all_reduce_sum(win.to(net.device)).cpu().tolist()   # every rank sees the same `late`
             dt = time.perf_counter() - t0
             tflops = train_flops(bcfg.llm, tok, sq) / dt / 1e12
             rec |= dict(step=step, tokens=int(tok), samples=int(smp), tokens_per_s=tok / dt, tflops=tflops,
+                        data_wait=wait / W / dt,                               # fraction of the time spent waiting for data
                         mfu=tflops / (peak * W) if peak else 0.0, peak_mem_gib=_peak_mem_gib())
             history.append(rec)
             if rank == 0: _write_metrics(metrics, rec); bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")

@@ -80,6 +80,7 @@ def main(argv=None):
     ap.add_argument("--packs", type=int, default=30, help="packs timed for the data rate")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--data-only", action="store_true", help="time the data pipeline only (no model, no table row)")
     ap.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
@@ -101,6 +102,7 @@ def main(argv=None):
                                  pad_to_max=tcfg.use_flex)
     dps, tps, packs = data_rate(cfg, mix, tok, pack, workers, a.packs)
     print(f"data: {dps:.2f} packs/s, {tps:,.0f} tokens/s with {workers} workers", flush=True)
+    if a.data_only: return None
     s = step_time(cfg, packs[:8], a.steps, a.profile)
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
