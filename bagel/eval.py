@@ -17,8 +17,8 @@ from . import shapesworld as sw
 # %% auto #0
 __all__ = ['RENORM_TYPES', 'KINDS', 'EvalSettings', 'make_settings', 'derive_seed', 'Item', 'Result', 'load_image', 'Benchmark',
            'write_atomic', 'save_image', 'crop_to_content', 'write_json', 'write_jsonl', 'read_done', 'DoneLog',
-           'check_record', 'BagelEngine', 'ScriptedEngine', 'run_item', 'run', 'as_engine', 'summary_table', 'score',
-           'ShapesWorldBench', 'accuracy_table', 'main']
+           'check_record', 'BagelEngine', 'ScriptedEngine', 'run_item', 'run_batch', 'run', 'as_engine',
+           'summary_table', 'score', 'ShapesWorldBench', 'accuracy_table', 'main']
 
 # %% ../nbs/50_eval.ipynb #8aadfb37
 RENORM_TYPES = ("global", "channel", "text_channel")
@@ -237,6 +237,28 @@ class BagelEngine:
                                    max_length=s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
                                    generator=torch.Generator().manual_seed(derive_seed(seed, "aux")))[0]
 
+    def batchable(self, item: Item, s: EvalSettings) -> bool:
+        "Whether the item's outputs stay those of a run alone when batched: no RNG beyond its own initial noise."
+        if item.kind == "und": return not (s.do_sample or s.think)
+        return item.kind != "edit" and not s.think      # edits sample VAE posteriors from one shared generator
+
+    def generate_batch(self, items: list, seeds: list, s: EvalSettings) -> list:  # -> per item ([k images], [k thinks])
+        "Several T2I items in one batched call (their noise drawn exactly as `generate` draws it)."
+        inf, n, d, D = self.inf, s.n_samples, self.inf.config.latent_downsample, self.inf.config.patch_latent_dim
+        H, W = s.image_shape
+        noise = [torch.randn((H // d) * (W // d), D, dtype=torch.float32,
+                             generator=torch.Generator().manual_seed(derive_seed(seed, "noise", k))) for seed in seeds for k in range(n)]
+        imgs = inf.gen_image([it.prompt for it in items for _ in range(n)], image_shapes=[(H, W)] * len(noise),
+                             cfg_text_scale=s.cfg_text_scale, cfg_img_scale=s.cfg_img_scale, cfg_interval=s.cfg_interval,
+                             cfg_renorm_type=s.cfg_renorm_type, cfg_renorm_min=s.cfg_renorm_min, num_timesteps=s.num_timesteps,
+                             timestep_shift=s.timestep_shift, noise=noise, progress=False)
+        return [(imgs[i * n:(i + 1) * n], [None] * n) for i in range(len(items))]
+
+    def answer_batch(self, items: list, seeds: list, s: EvalSettings) -> list:
+        "Greedy answers to several understanding items in one batched decode."
+        return self.inf.understand([[load_image(x) for x in it.images] for it in items], [it.prompt for it in items],
+                                   max_length=s.max_new_tokens)
+
 class ScriptedEngine:
     "An engine answering from functions: `image(item, k) -> PIL`, `text(item) -> str` (tests, oracles, dry runs)."
     def __init__(self, image: Callable | None = None, text: Callable | None = None, model_id: str = "scripted"):
@@ -267,6 +289,26 @@ def run_item(engine, bench: Benchmark, item: Item, s: EvalSettings, out: Path) -
         res = Result(images=[crop_to_content(im) if s.crop_black else im for im in imgs], thoughts=list(thoughts))
     return bench.write(item, res, Path(out))
 
+def run_batch(engine, bench: Benchmark, items: list, s: EvalSettings, out: Path) -> list:
+    "Records of several items: one batched engine call when they allow it (same kind), else item by item."
+    can = getattr(engine, "batchable", None)
+    if len(items) == 1 or can is None or not all(can(it, s) for it in items) or len({it.kind for it in items}) > 1:
+        return [run_item(engine, bench, it, s, out) for it in items]
+    seeds = [derive_seed(s.seed, it.id) for it in items]
+    if items[0].kind == "und":
+        return [bench.write(it, Result(text=t), Path(out)) for it, t in zip(items, engine.answer_batch(items, seeds, s))]
+    outs = engine.generate_batch(items, seeds, s)
+    return [bench.write(it, Result(images=[crop_to_content(im) if s.crop_black else im for im in imgs], thoughts=list(th)), Path(out))
+            for it, (imgs, th) in zip(items, outs)]
+
+def _chunks(items: list, size: int, key) -> list:
+    "Consecutive runs of items with equal `key`, cut at `size`."
+    out = []
+    for it in items:
+        if out and len(out[-1]) < size and key(out[-1][0]) == key(it): out[-1].append(it)
+        else: out.append([it])
+    return out
+
 # %% ../nbs/50_eval.ipynb #151d8b5c
 def run(bench: Benchmark,                  # the adapter
         engine,                            # a BagelEngine (or Inferencer, or a model dir), or any engine
@@ -277,10 +319,12 @@ def run(bench: Benchmark,                  # the adapter
         limit: int | None = None,          # only the first `limit` items (smoke runs)
         judge: Callable | None = None,     # the pluggable judge of judged benchmarks
         on_item: Callable | None = None,   # called as on_item(item_id, n_done, n_shard) after each item
-        progress: bool = False, verbose: bool = True) -> dict | None:  # -> the summary, or None while shards are missing
+        progress: bool = False, verbose: bool = True,
+        batch_size: int = 1) -> dict | None:  # items per engine call where outputs allow it; -> summary, or None while shards are missing
     "Run (or resume) one shard of a benchmark, then score when every shard is done."
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     engine = as_engine(engine)
     items, s, record = _resolve(bench, data, settings, limit, engine)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -288,10 +332,14 @@ def run(bench: Benchmark,                  # the adapter
     engine, log, done = engine.for_benchmark(bench), DoneLog(out, rank), read_done(out)
     shard = items[rank::world_size]
     todo = [it for it in shard if it.id not in done]
-    bar = _progress(todo, f"{bench.name} r{rank}/{world_size}") if progress else todo
-    for i, item in enumerate(bar):
-        log.add(item.id, run_item(engine, bench, item, s, out))
-        if on_item is not None: on_item(item.id, len(shard) - len(todo) + i + 1, len(shard))
+    bar = _progress(todo, f"{bench.name} r{rank}/{world_size}") if progress else None
+    n = len(shard) - len(todo)
+    for chunk in _chunks(todo, batch_size, lambda it: it.kind):
+        for item, rec in zip(chunk, run_batch(engine, bench, chunk, s, out)):
+            log.add(item.id, rec); n += 1
+            if bar is not None: bar.update(1)
+            if on_item is not None: on_item(item.id, n, len(shard))
+    if bar is not None: bar.close()
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     if dist: torch.distributed.barrier()
     if dist and torch.distributed.get_rank() != 0: return None
@@ -451,6 +499,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     p.add_argument("--score-only", action="store_true"); p.add_argument("--progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=1, help="items per model call where outputs allow it (T2I, greedy answers)")
     return p
 
 # %% ../nbs/50_eval.ipynb #0f52b7bc
@@ -473,7 +522,7 @@ def main(argv: list | None = None) -> int:
         device = a.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         dtype = getattr(torch, a.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
         run(bench, BagelEngine.from_model_dir(a.model_dir, dtype=dtype, device=device), a.data, a.out, settings,
-            a.rank, a.world_size, a.limit, _load_judge(a.judge), progress=a.progress)
+            a.rank, a.world_size, a.limit, _load_judge(a.judge), progress=a.progress, batch_size=a.batch_size)
     except (ValueError, TypeError, OSError, KeyError) as e:
         print(f"bagel eval: error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ class RecipeConfig:
     expected_num_tokens: int = 960    # packing budget per training step
     max_num_tokens: int = 1024
     bench_n: int = 24                 # ShapesWorld-Bench size (T2I prompts and questions; edits n // 2)
+    eval_batch_size: int = 8          # benchmark items per model call (T2I prompts, greedy answers)
     num_timesteps: int = 20
     cfg_text_scale: float = 4.0
     num_workers: int = 0              # DataLoader worker processes reading and packing (0: in the training process)
@@ -129,7 +130,8 @@ def evaluate(cfg: RecipeConfig, model_dir: Path) -> dict:
     from bagel.inferencer import Inferencer
     inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32, device=_device())
     return run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size), inf, None, Path(cfg.out) / "bench",
-               {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}, verbose=False)
+               {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}, verbose=False,
+               batch_size=cfg.eval_batch_size)
 
 def samples(cfg: RecipeConfig, model_dir: Path) -> dict:
     "A few pictures for the report: T2I prompts, an edit, an answer (held-out, judged)."
