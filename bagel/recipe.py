@@ -14,7 +14,8 @@ from .model import BagelConfig
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['RecipeConfig', 'make_base_dir', 'make_data', 'train_bagel', 'evaluate', 'samples', 'run_shapesworld']
+__all__ = ['RecipeConfig', 'make_base_dir', 'make_data', 'train_bagel', 'evaluate', 'evaluate_step_cache', 'samples',
+           'run_shapesworld']
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #26204328
 @dataclass
@@ -34,6 +35,7 @@ class RecipeConfig:
     max_num_tokens: int = 1024
     bench_n: int = 24                 # ShapesWorld-Bench size (T2I prompts and questions; edits n // 2)
     eval_batch_size: int = 8          # benchmark items per model call (T2I prompts, greedy answers)
+    bench_step_cache: bool = False    # also score T2I and edits with the step cache on, and time it (bagel.stepcache)
     num_timesteps: int = 20
     cfg_text_scale: float = 4.0
     num_workers: int = 0              # DataLoader worker processes reading and packing (0: in the training process)
@@ -133,6 +135,22 @@ def evaluate(cfg: RecipeConfig, model_dir: Path) -> dict:
                {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}, verbose=False,
                batch_size=cfg.eval_batch_size)
 
+def evaluate_step_cache(cfg: RecipeConfig, model_dir: Path) -> dict:
+    "ShapesWorld-Bench T2I and edits with the default StepCache, and its speed-up and PSNR on held-out prompts."
+    from bagel.eval import ShapesWorldBench, run
+    from bagel.inferencer import Inferencer
+    from bagel.shapesworld import heldout
+    from bagel.stepcache import StepCache, StepCacheEngine, cache_quality
+    inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32, device=_device())
+    settings = {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}
+    summary = run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size, tasks=("t2i", "edit")),
+                  StepCacheEngine(inf, StepCache()), None, Path(cfg.out) / "bench_step_cache", settings, verbose=False)
+    prompts = [x["prompt"] for x in heldout(8, "t2i", seed=cfg.seed + 2)]
+    q = cache_quality(inf, prompts, StepCache(), image_shape=(cfg.size, cfg.size), seed=cfg.seed,
+                      num_timesteps=cfg.num_timesteps, cfg_text_scale=cfg.cfg_text_scale)
+    return {"metrics": summary["metrics"], "speedup_forwards": q["speedup_forwards"], "speedup_wall": q["speedup_wall"],
+            "psnr_mean": q["psnr_mean"]}
+
 def samples(cfg: RecipeConfig, model_dir: Path) -> dict:
     "A few pictures for the report: T2I prompts, an edit, an answer (held-out, judged)."
     from bagel.inferencer import Inferencer
@@ -169,11 +187,12 @@ def run_shapesworld(cfg: RecipeConfig = RecipeConfig(), log=print) -> dict:
     res = stage("train", lambda: train_bagel(cfg, base, mix, log=log))
     model_dir = stage("export", lambda: export_ema(latest_checkpoint(cfg.train_config().ckpt_dir), out / "model", model_dir=base))
     summary = stage("bench", lambda: evaluate(cfg, model_dir))
+    cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, model_dir)) if cfg.bench_step_cache else None
     pics = stage("samples", lambda: samples(cfg, model_dir))
     hist = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()]
     report = {"config": asdict(cfg), "seconds": times, "steps": res.step, "metrics": summary["metrics"],
               "first_log": hist[0] if hist else None, "last_log": hist[-1] if hist else None,
-              "samples": pics["rows"], "model_dir": str(model_dir)}
+              "samples": pics["rows"], "model_dir": str(model_dir), "step_cache": cached}
     _write_report(out, report)
     return report
 
@@ -182,6 +201,11 @@ def _write_report(out: Path, r: dict):
     lines = ["# ShapesWorld run", "", f"Trained {r['steps']} steps; stage seconds: {r['seconds']}", "",
              "| task | accuracy |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in sorted(m.items()) if "/" not in k]
     lines += ["", "| per category | accuracy |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in sorted(m.items()) if "/" in k]
+    if c := r.get("step_cache"):
+        lines += ["", f"With the step cache (bagel.stepcache defaults): {c['speedup_forwards']:.2f}x fewer model forwards, "
+                  f"{c['speedup_wall']:.2f}x faster, PSNR {c['psnr_mean']:.1f} dB against the uncached image", "",
+                  "| task | accuracy | with the step cache |", "|---|---|---|"]
+        lines += [f"| {k} | {m[k]:.3f} | {v:.3f} |" for k, v in sorted(c["metrics"].items()) if k in m and k != "overall"]
     lines += ["", "## Samples (held-out; judged)", ""] + [f"- {kind}: {text} — ![]({img}) — judge: {'✓' if ok else '✗'}"
                                                      for kind, text, img, ok in r["samples"]]
     for name, text in [("report.md", "\n".join(lines) + "\n"), ("report.json", json.dumps(r, indent=2, default=str))]:
