@@ -312,7 +312,7 @@ def plot_routing(trace: RoutingTrace, layer: int = 0, head: int = 0, size: float
     axs[0].imshow(col, aspect="auto"); axs[0].set_ylabel("seg", rotation=0, fontsize=7, ha="right")
     axs[1].imshow(torch.tensor([expert[g] for g in trace.key_gen.tolist()])[None], aspect="auto")
     axs[1].set_ylabel("gen", rotation=0, fontsize=7, ha="right")
-    axs[2].imshow(trace.mask, cmap="gray", aspect="auto", interpolation="nearest"); axs[2].set_ylabel("mask (q)", fontsize=7)
+    axs[2].imshow(trace.mask, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest"); axs[2].set_ylabel("mask (q)", fontsize=7)
     axs[3].imshow(img, aspect="auto", interpolation="nearest"); axs[3].set_ylabel("attn (q)", fontsize=7)
     axs[3].set_xlabel("keys: " + ", ".join(dict.fromkeys(trace.key_labels)), fontsize=7)
     for ax in axs: ax.set_yticks([]); ax.tick_params(labelsize=6)
@@ -334,11 +334,19 @@ def _parse_values(name: str, text: str) -> list:
     try: return [conv(s) for s in parts]
     except ValueError: raise ValueError(f"values for {name} must be numbers separated by commas, got {text!r}") from None
 
+def _show(fig):
+    "Display a matplotlib Figure as a PNG whatever the kernel's matplotlib backend (figures here are built without pyplot)."
+    import io
+    from IPython.display import Image as IPImage, display
+    buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+    display(IPImage(data=buf.getvalue(), format="png"))
+
+_WIDE = {"description_width": "initial"}   # full slider labels ("cfg_text_scale", not "cfg_text_s...")
+
 def cfg_sweep_panel(inf: Inferencer, prompt: str, image_shape: tuple | None = None, seed: int = 0,
                     images: list | None = None, judge: Callable | None = None, cache: SweepCache | None = None):
     "Two dropdowns pick the axes (values as comma lists), sliders set the rest; Run draws the grid (cached cells are free)."
     import ipywidgets as W
-    from IPython.display import display
     names = list(_DEFAULT_VALUES)
     rows, cols = W.Dropdown(options=names, value="cfg_text_scale", description="rows"), \
                  W.Dropdown(options=names, value="cfg_img_scale", description="cols")
@@ -346,7 +354,7 @@ def cfg_sweep_panel(inf: Inferencer, prompt: str, image_shape: tuple | None = No
     rows.observe(lambda c: setattr(rv, "value", _DEFAULT_VALUES[c["new"]]), "value")
     cols.observe(lambda c: setattr(cv, "value", _DEFAULT_VALUES[c["new"]]), "value")
     ctl = {k: (W.IntSlider if k == "num_timesteps" else W.FloatSlider)(
-               value=4 if k == "num_timesteps" else CONTROLS[k], min=lo, max=hi, step=st, description=k)
+               value=4 if k == "num_timesteps" else CONTROLS[k], min=lo, max=hi, step=st, description=k, style=_WIDE)
            for k, (lo, hi, st) in _SLIDERS.items()}
     ctl["cfg_renorm_type"] = W.Dropdown(options=["global", "channel", "text_channel"], value="global", description="renorm")
     run, out = W.Button(description="Run"), W.Output()
@@ -360,7 +368,7 @@ def cfg_sweep_panel(inf: Inferencer, prompt: str, image_shape: tuple | None = No
         box.result = sweep_grid(inf, prompt, axes, fixed, image_shape, seed, images, judge, cache)
         with out:
             out.clear_output(wait=True)
-            display(plot_sweep(box.result))
+            _show(plot_sweep(box.result))
         return box.result
     run.on_click(go)
     box.run, box.controls = go, dict(rows=rows, cols=cols, row_values=rv, col_values=cv, **ctl)
@@ -371,7 +379,6 @@ def routing_panel(inf: Inferencer, prompt: str, image_shape: tuple, seed: int = 
                   sampling: SamplingConfig = SamplingConfig.tiny()):
     "Layer, head and denoising-step selectors over traced `velocity` calls of one sampling run (traces are cached)."
     import ipywidgets as W
-    from IPython.display import display
     p, log = prepare_prompt(inf, prompt, images)
     H, W_ = inf._check_shape(image_shape)
     d = inf.config.latent_downsample
@@ -390,7 +397,7 @@ def routing_panel(inf: Inferencer, prompt: str, image_shape: tuple, seed: int = 
         return traces[i]
     def draw(_=None):
         fig = plot_routing(trace(step.value), layer.value, head.value)
-        with out: out.clear_output(wait=True); display(fig)
+        with out: out.clear_output(wait=True); _show(fig)
         return fig
     for w in (layer, head, step): w.observe(draw, "value")
     box.draw, box.trace, box.traces, box.controls = draw, trace, traces, dict(layer=layer, head=head, step=step)

@@ -93,6 +93,15 @@ def _frontmatter_to_title(nb_path: Path):
         meta = yaml.safe_load(first.source.strip().strip("-")) or {}
         head = f"# {meta.get('title', nb_path.stem)}" + (f"\n\n> {meta['description']}" if meta.get("description") else "")
         nb.cells[0] = nbformat.v4.new_markdown_cell(head)
+    for cell in nb.cells:                    # what Quarto does with nbdev's cell options, done by hand for nbconvert
+        if cell.cell_type != "code": continue
+        lines = cell.source.splitlines()
+        if any(re.match(r"#\|\s*echo:\s*false", l) for l in lines):
+            cell.metadata.setdefault("tags", []).append("remove_input")
+        cell.source = "\n".join(l for l in lines if not l.startswith("#|")).strip()
+        for out in cell.get("outputs", []):
+            md = out.get("data", {}).get("text/markdown")
+            if md: out["data"]["text/markdown"] = re.sub(r"\{target=\"_blank\"[^}]*\}", "", "".join(md))
     return nb
 
 def _fallback_site():
@@ -110,6 +119,8 @@ def _fallback_site():
     from nbconvert import HTMLExporter
     exporter = HTMLExporter(template_name="lab")
     exporter.exclude_input_prompt = exporter.exclude_output_prompt = True
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"remove_input"}), enabled=True)
     if DOCS.exists(): shutil.rmtree(DOCS)
     DOCS.mkdir()
     pages = sorted(p for p in proc.glob("*.ipynb"))
@@ -118,11 +129,13 @@ def _fallback_site():
         body = body.replace("<body", STYLE + "<body", 1)
         body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + _nav(nb.name) + '<div class="bagel-page">', body, count=1)
         body = body.replace("</body>", "</div></body>", 1)
+        body = re.sub(r'href="([^":#/]+)\.ipynb', r'href="\1.html', body)   # links between notebooks
         tmp = DOCS / (nb.stem + ".html.tmp")
         tmp.write_text(body)
         tmp.replace(DOCS / (nb.stem + ".html"))
     for extra in ["styles.css"]:
         if (NBS / extra).exists(): shutil.copy(NBS / extra, DOCS)
+    if (NBS / "images").is_dir(): shutil.copytree(NBS / "images", DOCS / "images")   # pictures the pages link to
     print(f"docs (offline fallback, nbconvert): {len(pages)} pages in {DOCS.relative_to(ROOT)}/ "
           f"-- install Quarto for the full site (nbdev_docs)")
 
