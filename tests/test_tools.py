@@ -60,3 +60,14 @@ def test_sidebar_must_list_every_notebook(repo):
         assert build_docs.check_sidebar() == ["nbs/05_new.ipynb is missing from the sidebar in _quarto.yml: add it to its section"]
     finally:
         sys.path.remove(str(repo / "tools"))
+
+def test_cells_mixing_imports_with_code_fail(repo):
+    "Visible and hidden cells alike (nbdev's docs processor runs import cells alone); the nbdev_export cell is exempt."
+    assert nbcheck(repo, "imports").returncode == 0
+    nb_path = repo / "nbs" / "05_transforms.ipynb"
+    nb = json.loads(nb_path.read_text())
+    nb["cells"].insert(3, {"cell_type": "code", "execution_count": None, "id": "mixed001", "metadata": {}, "outputs": [],
+                           "source": ["#| hide\n", "import math\n", "x = math.pi\n"]})
+    nb_path.write_text(json.dumps(nb, indent=1))
+    res = nbcheck(repo, "imports")
+    assert res.returncode == 1 and "nbs/05_transforms.ipynb cell 3 mixes imports with other code" in res.stderr

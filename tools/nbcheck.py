@@ -74,13 +74,14 @@ def check_readme() -> list:
     return []
 
 def _mixed_import_cells(nb_path: Path) -> list:
-    "Indexes of visible code cells holding imports and other statements (nbdev runs import cells alone for docs)."
+    "Indexes of code cells (visible or hidden) holding imports and other statements (nbdev runs import cells alone for docs)."
     import ast, json
     out = []
     for i, c in enumerate(json.loads(nb_path.read_text())["cells"]):
         src = "".join(c["source"]) if c["cell_type"] == "code" else ""
         first = src.lstrip().splitlines()[0] if src.strip() else ""
-        if not src.strip() or re.match(r"#\|\s*(export|exporti|exports|hide|eval:\s*false)\b", first): continue
+        if not src.strip() or re.match(r"#\|\s*(export|exporti|exports|eval:\s*false)\b", first): continue
+        if "nbdev_export()" in src: continue                    # the closing `import nbdev; nbdev.nbdev_export()` cell
         try: body = ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!")))).body
         except SyntaxError: continue
         kinds = {isinstance(n, (ast.Import, ast.ImportFrom)) for n in body}
