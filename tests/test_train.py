@@ -227,3 +227,16 @@ def test_bench_train_runs_on_cpu(tmp_path):
     b = mixed_batch(BagelConfig.bagel_7b_mot(), pairs=2, vit_px=378, latent_tokens=32, text_len=512)
     assert b.sequence_length == sum(b.sample_lens) == 2 * (27 * 27 + 2 + 514 + 514 + 32 * 32 + 2)
     assert b.packed_vae_token_indexes.max() < b.sequence_length and len(b.ce_loss_indexes) == 2 * 513
+
+def test_bench_speed_and_recipe_smoke_on_cpu(tmp_path):
+    "bench/bench_speed.py --tiny and bench/bench_recipe.py on the CPU config: they run end to end and append their tables."
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_recipe import main as recipe_main
+    from bench.bench_speed import main as speed_main
+    speed_main(["--tiny", "--tokens", "4", "--workloads", "t2i512", "und", "--results", str(tmp_path / "R.md")])
+    text = (tmp_path / "R.md").read_text()
+    assert "speed suite" in text and "| t2i512 |" in text and "| und |" in text and "SMOKE RUN" in text
+    row = recipe_main(["--config", str(ROOT / "configs" / "shapesworld_cpu.yaml"), "--workers", "0", "--samples", "600",
+                       "--packs", "2", "--steps", "1", "--out", str(tmp_path / "r"), "--results", str(tmp_path / "R.md")])
+    assert row[0] == "shapesworld_cpu.yaml" and row[-3] in ("data", "device")
+    assert "data pipeline vs device step" in (tmp_path / "R.md").read_text()

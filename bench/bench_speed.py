@@ -1,0 +1,99 @@
+"""Issue 10's speed suite at full size: each workload's seconds, its FLOP (or bandwidth) floor, and peak GPU memory.
+
+The BAGEL-7B-MoT layout with random bf16 weights is built directly on the GPU (`bench_generate.build`: no checkpoint),
+timed after one warm-up run with the device synchronised. Workloads (the original's defaults):
+
+  t2i1024  text-to-image 1024², 50 timesteps, text CFG 4 on [0.4, 1], shift 3           floor 6.9 s (790 TFLOP/s)
+  t2i512   the same at 512²                                                            floor 1.6 s
+  edit1024 editing a 1024² image: text CFG 4, image CFG 2 on [0, 1], text_channel        floor 12.2 s
+  und      understanding: prefill of a 980² image + question, then greedy decode        decode floor 4.5 ms/token
+  train    one training step at the 7B width on a packed mixed batch (bench_train)       MFU
+
+Floors are those of the issue (arithmetic at 790 TFLOP/s and 3.35 TB/s). Each run appends one table to RESULTS.md.
+
+    python -m bench.bench_speed                          # every workload
+    python -m bench.bench_speed --workloads t2i512 und   # some
+"""
+import argparse, time
+
+import torch
+
+FLOORS = {"t2i1024": 6.9, "t2i512": 1.6, "edit1024": 12.2}   # seconds
+DECODE_FLOOR_S = 4.5e-3                                      # seconds per greedy token (und expert weights at 3.35 TB/s)
+WORKLOADS = ("t2i1024", "t2i512", "edit1024", "und", "train")
+
+def _timed(fn, sync) -> tuple:  # -> (seconds, peak GiB, result)
+    cuda = torch.cuda.is_available()
+    fn(); sync()
+    if cuda: torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter(); out = fn(); sync()
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, out
+
+def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50) -> list:
+    from PIL import Image
+    size = (512 if name == "t2i512" else 1024) // scale
+    kw = dict(num_timesteps=steps, timestep_shift=3.0, cfg_text_scale=4.0, generator=torch.Generator().manual_seed(0), progress=False)
+    if name.startswith("t2i"):
+        fn = lambda: inf.gen_image("a photo of a bagel on a red plate, studio light", image_shapes=(size, size),
+                                   cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), **kw)
+    else:
+        src = Image.new("RGB", (size, size), (120, 80, 40))
+        fn = lambda: inf.gen_image("make the plate blue", images=[src], cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+                                   cfg_renorm_type="text_channel", **kw)
+    secs, peak, _ = _timed(fn, sync)
+    return [name, f"{size}x{size}", round(secs, 2), FLOORS[name], f"{100 * FLOORS[name] / secs:.0f}%", round(peak, 1)]
+
+def run_understanding(inf, sync, tokens: int, scale: int = 1) -> list:
+    from PIL import Image
+    img = Image.new("RGB", (980 // scale, 980 // scale), (90, 140, 200))
+    q = "Describe this picture in detail."
+    pre, _, _ = _timed(lambda: inf.understand(img, q, max_length=1), sync)
+    full, peak, ans = _timed(lambda: inf.understand(img, q, max_length=tokens + 1), sync)
+    n = max(1, len(ans[0].split()))                   # the bench tokenizer decodes one word per id
+    per = (full - pre) / n
+    return ["und", f"980² + question, {n} tokens", round(pre, 3), f"{per * 1e3:.1f} ms/token ({1 / per:.0f} tokens/s)",
+            f"{100 * DECODE_FLOOR_S / per:.0f}%", round(peak, 1)]
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    ap.add_argument("--tokens", type=int, default=256, help="greedy tokens of the understanding workload")
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the training step at the 7B width")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny model, 1/16 image sides, 4 timesteps")
+    ap.add_argument("--results", default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
+    a = ap.parse_args(argv)
+    if not (torch.cuda.is_available() or a.tiny): raise SystemExit("bench_speed needs a CUDA GPU (or --tiny for a smoke run)")
+    from pathlib import Path
+    from bench.bench_generate import build
+    from bench.common import RESULTS, report, sync
+    rows, scale, steps = [], (16 if a.tiny else 1), (4 if a.tiny else 50)
+    gen = [w for w in a.workloads if w != "train"]
+    if gen:
+        if a.tiny:
+            from bagel.inferencer import Inferencer, default_transforms
+            from bagel.model import BagelConfig
+            cfg = BagelConfig.tiny()
+            inf = build("cpu", torch.float32, cfg)
+            inf = Inferencer(inf.bundle, *default_transforms(cfg))
+        else: inf = build()
+        inf.tokenizer.decode = lambda ids, **kw: " ".join(str(i) for i in ids)   # ids only: one word per token
+        for w in gen:
+            rows.append(run_understanding(inf, sync, a.tokens, scale) if w == "und" else run_generation(inf, w, sync, scale, steps))
+            print(rows[-1], flush=True)
+        del inf
+        if torch.cuda.is_available(): torch.cuda.empty_cache()
+    if rows:
+        report("speed suite (issue 10): full-size BAGEL-7B-MoT layout, random bf16 weights, plain path",
+               ["workload", "shape", "seconds", "floor (s or ms/token)", "floor / time", "peak GiB"], rows,
+               notes="Generation: 50 timesteps, timestep_shift 3, VAE (bf16, GPU) decode included; t2i: text CFG 4 on "
+                     "[0.4, 1] (90 decoder passes); edit: text CFG 4, image CFG 2 on [0, 1], text_channel. und: the "
+                     "seconds are the prefill (ViT + context + first token); decode time per token after it."
+                     + (" SMOKE RUN (--tiny, CPU): the floors do not apply." if a.tiny else ""),
+               results=Path(a.results) if a.results else RESULTS)
+    if "train" in a.workloads:
+        from bench.bench_train import main as train_main
+        train_main(["--size", "tiny" if a.tiny else "7b", "--layers", str(a.layers)] + (["--steps", "1"] if a.tiny else [])
+                   + (["--results", a.results] if a.results else []))
+
+if __name__ == "__main__":
+    main()
