@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from fastcore.basics import patch
 from torch import Tensor, nn
 
@@ -355,19 +355,23 @@ def _check_qkv(q, k, v, plan: AttnPlan):
     if q.shape[1] % k.shape[1]: raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
 
 def _sdpa(q, k, v, plan: AttnPlan) -> Tensor:
-    "Per-sequence SDPA with mask shortcuts."
-    gqa, outs = q.shape[1] != k.shape[1], []
+    "Per-sequence SDPA with mask shortcuts, shaped so that PyTorch's fused kernels can take every call."
+    # Fused kernels (flash, memory-efficient, cuDNN) need 4-D [b, h, n, d] inputs: 3-D ones silently fall back to the
+    # O(n^2)-memory math kernel. Flash takes grouped kv heads (enable_gqa) but no mask; with a mask, the kv heads are
+    # repeated so that the memory-efficient kernel can take it.
+    rep, outs = q.shape[1] // k.shape[1], []
     for i in range(plan.n_seq):
-        qi = rearrange(q[plan.cu_q[i]:plan.cu_q[i + 1]], "n h d -> h n d")
-        ki, vi = (rearrange(t[plan.cu_k[i]:plan.cu_k[i + 1]], "n h d -> h n d") for t in (k, v))
+        qi = rearrange(q[plan.cu_q[i]:plan.cu_q[i + 1]], "n h d -> 1 h n d")
+        ki, vi = (rearrange(t[plan.cu_k[i]:plan.cu_k[i + 1]], "n h d -> 1 h n d") for t in (k, v))
         kind, mask, is_causal = plan.seq_kind(i), None, False
-        if kind == "causal" and qi.shape[1] > 1:
+        if kind == "causal" and qi.shape[2] > 1:
             if plan.kv_lens[i] == 0: is_causal = True
             else: mask = plan.seq_mask(i, q.device)
         elif kind == "mixed": mask = plan.seq_mask(i, q.device)
+        if mask is not None and rep > 1: ki, vi = (repeat(t, "1 h n d -> 1 (h g) n d", g=rep) for t in (ki, vi))
         o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=is_causal,
-                                           scale=q.shape[-1] ** -0.5, enable_gqa=gqa)
-        outs.append(rearrange(o, "h n d -> n h d"))
+                                           scale=q.shape[-1] ** -0.5, enable_gqa=ki.shape[1] != qi.shape[1])
+        outs.append(rearrange(o, "1 h n d -> n h d"))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 # %% ../nbs/00_core_mot.ipynb #1b96ea16

@@ -134,6 +134,21 @@ def test_sdpa_equals_flex_with_cache():
     torch.testing.assert_close(sdpa, naive(q, k, v, plan), atol=1e-5, rtol=1e-5)
 
 
+def test_sdpa_calls_are_fused_kernel_shaped(monkeypatch):
+    "Every SDPA call gets 4-D inputs (3-D ones fall back to the math kernel on GPUs) and no grouped heads with a mask."
+    import torch.nn.functional as F
+    calls, real = [], F.scaled_dot_product_attention
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.dim(), k.dim(), q.shape[1] == k.shape[1] or attn_mask is None, kw.get("enable_gqa")))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    plan = AttnPlan.from_splits([[(2, "causal"), (5, "full")], [(6, "causal")], [(3, "noise")]], kv_lens=[4, 3, 2])
+    q, k, v = torch.randn(plan.n_q, 6, 8), torch.randn(plan.n_k, 2, 8), torch.randn(plan.n_k, 2, 8)
+    torch.testing.assert_close(packed_attention(q, k, v, plan, "sdpa"), naive(q, k, v, plan), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 3 and all(c[:3] == (4, 4, True) for c in calls)
+    assert [c[3] for c in calls] == [False, False, True]      # masked: heads repeated; unmasked (noise): flash's GQA
+
+
 def test_model_sdpa_equals_flex_with_cache():
     "Whole decoder, MoT routing, cached prefix of different lengths, both backends."
     cfg = LLMConfig.tiny()
