@@ -18,8 +18,8 @@ from .vae import AutoEncoder, VAEConfig
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'AE_WEIGHTS', 'LLM_CONFIG', 'VIT_CONFIG', 'OPTIONAL_KEYS', 'SPECIAL_TOKEN_STRINGS', 'CheckpointError',
-           'read_header', 'config_from_dir', 'load_tokenizer', 'special_tokens', 'assign_from_file', 'BagelBundle',
-           'from_pretrained', 'save_file_atomic', 'save_pretrained', 'download_bagel']
+           'read_header', 'config_from_dir', 'load_tokenizer', 'special_tokens', 'check_header', 'assign_from_file',
+           'BagelBundle', 'from_pretrained', 'save_file_atomic', 'save_pretrained', 'download_bagel']
 
 # %% ../nbs/03_checkpoint.ipynb #3fb4b71f
 WEIGHTS, AE_WEIGHTS, LLM_CONFIG, VIT_CONFIG = "ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json"
@@ -128,17 +128,26 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor):
     else:
         mod._buffers[leaf] = value
 
+def check_header(path: str | Path,
+                 shapes: dict,            # {tensor name: shape} the model expects
+                 optional: tuple = (),    # names the file may lack
+                 ignore: tuple = (),      # name prefixes of file tensors the model does not hold (switched-off branches)
+                 hint: str = "") -> dict: # -> the header {name: (dtype, shape)}
+    "Compare a safetensors header with the expected shapes; one CheckpointError lists every missing, unexpected and mis-shaped tensor."
+    header = read_header(path)
+    missing = [k for k in shapes if k not in header and k not in optional]
+    unexpected = [k for k in header if k not in shapes and not k.startswith(tuple(ignore))]
+    mismatched = [(k, header[k][1], tuple(s)) for k, s in shapes.items() if k in header and header[k][1] != tuple(s)]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(_report(path, missing, unexpected, mismatched, hint))
+    return header
+
 def assign_from_file(module: nn.Module, path: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
                      optional: tuple = (), hint: str = "") -> list:  # -> names that were absent (only from `optional`)
     "Load a safetensors file into a (meta) module strictly, tensor by tensor, onto `device` in `dtype`."
     from safetensors import safe_open
-    header = read_header(path)
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = [k for k in want if k not in header and k not in optional]
-    unexpected = [k for k in header if k not in want]
-    mismatched = [(k, header[k][1], want[k]) for k in want if k in header and header[k][1] != want[k]]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(_report(path, missing, unexpected, mismatched, hint))
+    header = check_header(path, want, optional, hint=hint)
     device = torch.device(device)
     with safe_open(str(path), framework="pt", device="cpu" if device.type == "meta" else str(device)) as f:
         for k in want:

@@ -133,15 +133,10 @@ def load_weights_(model: nn.Module, path: str | Path,
                   ignore: tuple = ()) -> nn.Module:  # name prefixes of file tensors to skip (branches switched off)
     "Load a safetensors file of the official layout strictly into a (sharded) model; tables are recomputed."
     from safetensors import safe_open
-    from bagel.checkpoint import CheckpointError, OPTIONAL_KEYS, read_header
-    header = read_header(path)
+    from bagel.checkpoint import OPTIONAL_KEYS, check_header
     want = dict(model.named_parameters())
-    missing = [k for k in want if k not in header and k not in OPTIONAL_KEYS]
-    unexpected = [k for k in header if k not in want and not k.startswith(tuple(ignore))]
-    bad = [f"{k} file {header[k][1]} vs model {tuple(want[k].shape)}" for k in want if k in header and header[k][1] != tuple(want[k].shape)]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                              f"wrong shapes {bad[:5]}: check visual_gen/visual_und and the configs of the model dir")
+    header = check_header(path, {k: p.shape for k, p in want.items()}, OPTIONAL_KEYS, ignore,
+                          hint="check visual_gen/visual_und and the configs of the model dir")
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for k, p in want.items():
             if k in header and k not in OPTIONAL_KEYS: _copy_full_(p, f.get_tensor(k))

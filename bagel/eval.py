@@ -193,10 +193,17 @@ def check_record(out: Path, record: dict) -> dict:
     return record
 
 # %% ../nbs/50_eval.ipynb #50177153
+def _sampling_kw(s: EvalSettings) -> dict:
+    "The settings' sampling controls, as gen_image keywords."
+    return dict(cfg_text_scale=s.cfg_text_scale, cfg_img_scale=s.cfg_img_scale, cfg_interval=s.cfg_interval,
+                cfg_renorm_type=s.cfg_renorm_type, cfg_renorm_min=s.cfg_renorm_min, num_timesteps=s.num_timesteps,
+                timestep_shift=s.timestep_shift)
+
 class BagelEngine:
     "Runs items on an Inferencer (generation, editing, understanding)."
-    def __init__(self, inferencer, model_id: str = "in-memory"):
-        self.inf, self.model_id = inferencer, str(model_id)
+    def __init__(self, inferencer, model_id: str = "in-memory",
+                 step_cache=None):   # a bagel.stepcache.StepCache every generation goes through (None: off)
+        self.inf, self.model_id, self.step_cache = inferencer, str(model_id), step_cache
 
     @classmethod
     def from_model_dir(cls, model_dir, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "BagelEngine":
@@ -206,13 +213,14 @@ class BagelEngine:
 
     def describe(self) -> dict:
         p = next(self.inf.model.parameters())
-        return {"model": self.model_id, "dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type}
+        out = {"model": self.model_id, "dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type}
+        return out | ({"step_cache": repr(self.step_cache)} if self.step_cache is not None else {})
 
     def for_benchmark(self, bench: Benchmark) -> "BagelEngine":
         "The same model with the benchmark's image transforms."
         from bagel.inferencer import Inferencer
         vae, vit = bench.transforms(self.inf.config)
-        return BagelEngine(Inferencer(self.inf.bundle, vae_transform=vae, vit_transform=vit), self.model_id)
+        return BagelEngine(Inferencer(self.inf.bundle, vae_transform=vae, vit_transform=vit), self.model_id, self.step_cache)
 
     def generate(self, item: Item, seed: int, s: EvalSettings) -> tuple:  # -> ([k PIL images], [k think texts])
         "k = s.n_samples images for a T2I or edit item (one batched call)."
@@ -221,15 +229,17 @@ class BagelEngine:
         if item.kind == "edit" and s.image_shape is None:
             W, H = inf.vae_transform.target_size(*imgs[-1].size); shape = (H, W)
         else: shape = s.image_shape
-        d, D = inf.config.latent_downsample, inf.config.patch_latent_dim
-        noise = [torch.randn((shape[0] // d) * (shape[1] // d), D, dtype=torch.float32,
-                             generator=torch.Generator().manual_seed(derive_seed(seed, "noise", k))) for k in range(n)]
         return inf.gen_image([item.prompt] * n, images=[imgs] * n if item.kind == "edit" else None, image_shapes=[shape] * n,
-                             cfg_text_scale=s.cfg_text_scale, cfg_img_scale=s.cfg_img_scale, cfg_interval=s.cfg_interval,
-                             cfg_renorm_type=s.cfg_renorm_type, cfg_renorm_min=s.cfg_renorm_min, num_timesteps=s.num_timesteps,
-                             timestep_shift=s.timestep_shift, think=s.think, max_think_tokens=s.max_think_tokens,
-                             think_do_sample=s.think_do_sample, think_temperature=s.think_temperature, noise=noise,
-                             generator=torch.Generator().manual_seed(derive_seed(seed, "aux")), progress=False, return_think=True)
+                             think=s.think, max_think_tokens=s.max_think_tokens, think_do_sample=s.think_do_sample,
+                             think_temperature=s.think_temperature, noise=self._noise(seed, n, shape),
+                             generator=torch.Generator().manual_seed(derive_seed(seed, "aux")), progress=False,
+                             return_think=True, step_cache=self.step_cache, **_sampling_kw(s))
+
+    def _noise(self, seed: int, n: int, shape: tuple) -> list:
+        "The initial noise of an item's n samples: a function of its seed alone, so batching cannot change it."
+        d, D = self.inf.config.latent_downsample, self.inf.config.patch_latent_dim
+        return [torch.randn((shape[0] // d) * (shape[1] // d), D, dtype=torch.float32,
+                            generator=torch.Generator().manual_seed(derive_seed(seed, "noise", k))) for k in range(n)]
 
     def answer(self, item: Item, seed: int, s: EvalSettings) -> str:
         "The model's answer to an understanding item."
@@ -240,18 +250,14 @@ class BagelEngine:
     def batchable(self, item: Item, s: EvalSettings) -> bool:
         "Whether the item's outputs stay those of a run alone when batched: no RNG beyond its own initial noise."
         if item.kind == "und": return not (s.do_sample or s.think)
-        return item.kind != "edit" and not s.think      # edits sample VAE posteriors from one shared generator
+        return item.kind != "edit" and not s.think and self.step_cache is None  # edits: VAE posteriors share a generator
 
     def generate_batch(self, items: list, seeds: list, s: EvalSettings) -> list:  # -> per item ([k images], [k thinks])
         "Several T2I items in one batched call (their noise drawn exactly as `generate` draws it)."
-        inf, n, d, D = self.inf, s.n_samples, self.inf.config.latent_downsample, self.inf.config.patch_latent_dim
-        H, W = s.image_shape
-        noise = [torch.randn((H // d) * (W // d), D, dtype=torch.float32,
-                             generator=torch.Generator().manual_seed(derive_seed(seed, "noise", k))) for seed in seeds for k in range(n)]
-        imgs = inf.gen_image([it.prompt for it in items for _ in range(n)], image_shapes=[(H, W)] * len(noise),
-                             cfg_text_scale=s.cfg_text_scale, cfg_img_scale=s.cfg_img_scale, cfg_interval=s.cfg_interval,
-                             cfg_renorm_type=s.cfg_renorm_type, cfg_renorm_min=s.cfg_renorm_min, num_timesteps=s.num_timesteps,
-                             timestep_shift=s.timestep_shift, noise=noise, progress=False)
+        n = s.n_samples
+        noise = [x for seed in seeds for x in self._noise(seed, n, s.image_shape)]
+        imgs = self.inf.gen_image([it.prompt for it in items for _ in range(n)], image_shapes=[s.image_shape] * len(noise),
+                                  noise=noise, progress=False, **_sampling_kw(s))
         return [(imgs[i * n:(i + 1) * n], [None] * n) for i in range(len(items))]
 
     def answer_batch(self, items: list, seeds: list, s: EvalSettings) -> list:

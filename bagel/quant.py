@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (AE_WEIGHTS, WEIGHTS, OPTIONAL_KEYS, BagelBundle, CheckpointError, _materialize, _report,
+from .checkpoint import (AE_WEIGHTS, WEIGHTS, OPTIONAL_KEYS, BagelBundle, CheckpointError, _materialize, check_header,
                               _set_tensor, assign_from_file, config_from_dir, from_pretrained, load_tokenizer,
                               read_header, special_tokens)
 from .model import Bagel, BagelConfig
@@ -123,13 +123,8 @@ def _is_quantized(m: nn.Module) -> bool: return type(m).__module__.startswith("b
 def _assign_quantized(model: Bagel, path: Path, mode: str, skip: tuple, dtype: torch.dtype, device):
     "Strictly load `path` into a meta `model`, quantising the selected linear layers as they are read."
     from safetensors import safe_open
-    header = read_header(path)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in header and k not in OPTIONAL_KEYS]
-    unexpected = [k for k in header if k not in want]
-    mismatched = [(k, header[k][1], want[k]) for k in want if k in header and header[k][1] != want[k]]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(_report(path, missing, unexpected, mismatched, "check the JSON configs against the weights"))
+    header = check_header(path, want, OPTIONAL_KEYS, hint="check the JSON configs against the weights")
     targets = set(quantizable(model, mode, skip))
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for k in want:

@@ -14,8 +14,8 @@ from .model import BagelConfig
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['RecipeConfig', 'make_base_dir', 'make_data', 'train_bagel', 'evaluate', 'evaluate_step_cache', 'samples',
-           'run_shapesworld']
+__all__ = ['RecipeConfig', 'make_base_dir', 'make_data', 'packed_data', 'train_bagel', 'evaluate', 'evaluate_step_cache',
+           'samples', 'run_shapesworld']
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #26204328
 @dataclass
@@ -96,22 +96,25 @@ def make_data(cfg: RecipeConfig) -> Path:
                                   seed=cfg.seed, rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size,
                                   workers=max(1, cfg.num_workers))["mix"])
 
+def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_size: int = 1):
+    "This rank's packed batches of the mix: a DataLoader whose workers read, decode and pack (the dataset itself when num_workers is 0)."
+    from bagel.data import DataMix, PackedDataset
+    from bagel.packing import PackConfig
+    from torch.utils.data import DataLoader
+    tcfg = cfg.train_config()
+    pack = PackConfig.from_model(cfg.model_config(), expected_num_tokens=cfg.expected_num_tokens, max_num_tokens=cfg.max_num_tokens,
+                                 max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
+                                 pad_to_max=tcfg.use_flex)   # flex: one sequence length, one compiled kernel
+    ds = PackedDataset(DataMix.from_yaml(mix), tokenizer, pack, rank=rank, world_size=world_size, data_seed=tcfg.data_seed)
+    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4) if cfg.num_workers else ds
+
 def train_bagel(cfg: RecipeConfig, base: Path, mix: Path, log=print):
     "Train the recipe's model from a seeded init on the packed mix; returns the TrainResult."
     from bagel.checkpoint import AE_WEIGHTS, assign_from_file, load_tokenizer
-    from bagel.data import DataMix, PackedDataset
-    from bagel.packing import PackConfig
     from bagel.train import train
     from bagel.vae import AutoEncoder
-    from torch.utils.data import DataLoader
-    tcfg, bcfg = cfg.train_config(), cfg.model_config()
-    tok = load_tokenizer(base)
-    pack = PackConfig.from_model(bcfg, expected_num_tokens=cfg.expected_num_tokens, max_num_tokens=cfg.max_num_tokens,
-                                 max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
-                                 pad_to_max=tcfg.use_flex)   # flex: one sequence length, one compiled kernel
-    def data(rank, world):   # worker processes read, decode and pack while the device trains (resume state per worker)
-        ds = PackedDataset(DataMix.from_yaml(mix), tok, pack, rank=rank, world_size=world, data_seed=tcfg.data_seed)
-        return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4) if cfg.num_workers else ds
+    tcfg, bcfg, tok = cfg.train_config(), cfg.model_config(), load_tokenizer(base)
+    data = lambda rank, world: packed_data(cfg, mix, tok, rank, world)   # resume state travels per worker
     with torch.device("meta"): vae = AutoEncoder(bcfg.vae)
     assign_from_file(vae, base / AE_WEIGHTS, torch.float32, _device())   # the VAE encodes on the training device
     def show(step, rec):     # without a progress bar (logs, batch jobs): one line per logged step
@@ -126,36 +129,37 @@ def _device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #9e4f616f
-def evaluate(cfg: RecipeConfig, model_dir: Path) -> dict:
+def _inferencer(model):
+    "An Inferencer over `model`: one already loaded, or an exported model dir (fp32, on this rank's device)."
+    from bagel.inferencer import Inferencer
+    return model if isinstance(model, Inferencer) else Inferencer.from_pretrained(model, dtype=torch.float32, device=_device())
+
+def _bench_settings(cfg: RecipeConfig) -> dict: return {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}
+
+def evaluate(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
     "ShapesWorld-Bench on the exported model (resumable); returns the summary."
     from bagel.eval import ShapesWorldBench, run
-    from bagel.inferencer import Inferencer
-    inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32, device=_device())
-    return run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size), inf, None, Path(cfg.out) / "bench",
-               {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}, verbose=False,
-               batch_size=cfg.eval_batch_size)
+    return run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size), _inferencer(model), None, Path(cfg.out) / "bench",
+               _bench_settings(cfg), verbose=False, batch_size=cfg.eval_batch_size)
 
-def evaluate_step_cache(cfg: RecipeConfig, model_dir: Path) -> dict:
+def evaluate_step_cache(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
     "ShapesWorld-Bench T2I and edits with the default StepCache, and its speed-up and PSNR on held-out prompts."
-    from bagel.eval import ShapesWorldBench, run
-    from bagel.inferencer import Inferencer
+    from bagel.eval import BagelEngine, ShapesWorldBench, run
     from bagel.shapesworld import heldout
-    from bagel.stepcache import StepCache, StepCacheEngine, cache_quality
-    inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32, device=_device())
-    settings = {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}
+    from bagel.stepcache import StepCache, cache_quality
+    inf = _inferencer(model)
     summary = run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size, tasks=("t2i", "edit")),
-                  StepCacheEngine(inf, StepCache()), None, Path(cfg.out) / "bench_step_cache", settings, verbose=False)
+                  BagelEngine(inf, step_cache=StepCache()), None, Path(cfg.out) / "bench_step_cache", _bench_settings(cfg), verbose=False)
     prompts = [x["prompt"] for x in heldout(8, "t2i", seed=cfg.seed + 2)]
     q = cache_quality(inf, prompts, StepCache(), image_shape=(cfg.size, cfg.size), seed=cfg.seed,
                       num_timesteps=cfg.num_timesteps, cfg_text_scale=cfg.cfg_text_scale)
     return {"metrics": summary["metrics"], "speedup_forwards": q["speedup_forwards"], "speedup_wall": q["speedup_wall"],
             "psnr_mean": q["psnr_mean"]}
 
-def samples(cfg: RecipeConfig, model_dir: Path) -> dict:
+def samples(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
     "A few pictures for the report: T2I prompts, an edit, an answer (held-out, judged)."
-    from bagel.inferencer import Inferencer
     from bagel.shapesworld import heldout, render, score_edit, score_t2i, score_vqa
-    inf = Inferencer.from_pretrained(model_dir, dtype=torch.float32, device=_device())
+    inf = _inferencer(model)
     out, g = Path(cfg.out), torch.Generator().manual_seed(cfg.seed)
     t2i = list(heldout(4, "t2i", seed=cfg.seed + 1))
     imgs = inf.gen_image([x["prompt"] for x in t2i], image_shapes=(cfg.size, cfg.size), num_timesteps=cfg.num_timesteps,
@@ -186,9 +190,10 @@ def run_shapesworld(cfg: RecipeConfig = RecipeConfig(), log=print) -> dict:
     base = stage("vae", lambda: make_base_dir(cfg, log=log))
     res = stage("train", lambda: train_bagel(cfg, base, mix, log=log))
     model_dir = stage("export", lambda: export_ema(latest_checkpoint(cfg.train_config().ckpt_dir), out / "model", model_dir=base))
-    summary = stage("bench", lambda: evaluate(cfg, model_dir))
-    cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, model_dir)) if cfg.bench_step_cache else None
-    pics = stage("samples", lambda: samples(cfg, model_dir))
+    inf = _inferencer(model_dir)                                       # loaded once for the three stages below
+    summary = stage("bench", lambda: evaluate(cfg, inf))
+    cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, inf)) if cfg.bench_step_cache else None
+    pics = stage("samples", lambda: samples(cfg, inf))
     hist = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()]
     report = {"config": asdict(cfg), "seconds": times, "steps": res.step, "metrics": summary["metrics"],
               "first_log": hist[0] if hist else None, "last_log": hist[-1] if hist else None,

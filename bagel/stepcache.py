@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STEP_FORMULAS', 'StepCache', 'cache_quality', 'StepCacheEngine']
+__all__ = ['STEP_FORMULAS', 'StepCache', 'cache_quality']
 
 # %% ../nbs/43_step_cache.ipynb #870a7d75
 STEP_FORMULAS = ("taylor", "newton")
@@ -171,27 +171,3 @@ def cache_quality(inferencer,                 # an Inferencer
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
     return {"items": rows, "speedup_wall": mean("s_base") / mean("s_cached"),
             "speedup_forwards": mean("calls") / mean("forwards"), "psnr_mean": mean("psnr")}
-
-# %% ../nbs/43_step_cache.ipynb #72c9b830
-class StepCacheEngine:
-    "A `bagel.eval` engine that generates through a StepCache (understanding is unchanged)."
-    def __init__(self, inferencer, step_cache: StepCache, model_id: str = "in-memory"):
-        from bagel.eval import BagelEngine
-        self.base, self.cache = BagelEngine(inferencer, model_id), step_cache
-        self.inf, self.model_id = inferencer, model_id
-
-    def describe(self) -> dict:
-        c = self.cache
-        return self.base.describe() | {"step_cache": f"{c.formula} first {c.first_enhance} every {c.fresh_threshold} "
-                                                      f"order {c.max_order}"}
-
-    def for_benchmark(self, bench) -> "StepCacheEngine":
-        return StepCacheEngine(self.base.for_benchmark(bench).inf, self.cache, self.model_id)
-
-    def generate(self, item, seed, s) -> tuple:
-        inf = self.base.inf
-        inf.gen_image = lambda *a, **kw: type(inf).gen_image(inf, *a, step_cache=self.cache, **kw)
-        try: return self.base.generate(item, seed, s)
-        finally: del inf.gen_image
-
-    def answer(self, item, seed, s) -> str: return self.base.answer(item, seed, s)

@@ -35,6 +35,13 @@ def build(device="cuda", dtype=torch.bfloat16, cfg=None):
     tok = SimpleNamespace(encode=lambda s: [16 + ord(c) % (V - 16) for c in s])   # ids only: no tokenizer needed
     return Inferencer(BagelBundle(model, vae, tok, cfg))
 
+PROMPT = "a photo of a bagel on a red plate, studio light"
+
+def t2i(inf, size: int, steps: int = 50) -> list:
+    "One text-to-image call with the original app's T2I defaults (text CFG 4 on [0.4, 1], shift 3, no image CFG)."
+    return inf.gen_image(PROMPT, image_shapes=(size, size), num_timesteps=steps, cfg_text_scale=4.0, cfg_img_scale=1.0,
+                         cfg_interval=(0.4, 1.0), timestep_shift=3.0, generator=torch.Generator().manual_seed(0), progress=False)
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
@@ -47,9 +54,7 @@ def main():
     inf = build()
     rows = []
     for size in a.sizes:
-        run = lambda: inf.gen_image("a photo of a bagel on a red plate, studio light", image_shapes=(size, size),
-                                    num_timesteps=a.steps, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
-                                    timestep_shift=3.0, generator=torch.Generator().manual_seed(0), progress=False)
+        run = lambda: t2i(inf, size, a.steps)
         run(); sync(); torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter(); run(); sync(); secs = time.perf_counter() - t0
         rows.append([f"{size}x{size}", a.steps, round(secs, 2), round(torch.cuda.max_memory_allocated() / 2**30, 1)])
@@ -69,10 +74,7 @@ def main_quant(a):
         gc.collect(); torch.cuda.empty_cache()
         weights = module_bytes(inf.model) / 2**30
         for size in a.sizes:
-            run = lambda: inf.gen_image("a photo of a bagel on a red plate, studio light", image_shapes=(size, size),
-                                        num_timesteps=a.steps, cfg_text_scale=4.0, cfg_img_scale=1.0,
-                                        cfg_interval=(0.4, 1.0), timestep_shift=3.0,
-                                        generator=torch.Generator().manual_seed(0), progress=False)
+            run = lambda: t2i(inf, size, a.steps)
             run(); sync(); torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter(); run(); sync(); secs = time.perf_counter() - t0
             rows.append([mode, f"{size}x{size}", a.steps, round(secs, 2), round(weights, 1),

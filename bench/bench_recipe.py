@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 
-def data_rate(cfg, mix, tok, pack, workers: int, n: int) -> tuple:  # -> (packs/s, tokens/s, packs)
-    "Packs per second from a DataLoader over the mix (after the first pack of each worker)."
-    from torch.utils.data import DataLoader
-    from bagel.data import DataMix, PackedDataset
-    ds = PackedDataset(DataMix.from_yaml(mix), tok, pack, data_seed=0)
-    it = iter(DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None))
+def data_rate(cfg, mix, tok, n: int) -> tuple:  # -> (packs/s, tokens/s, packs)
+    "Packs per second from the recipe's own data pipeline (bagel.recipe.packed_data), after the first pack of each worker."
+    from bagel.recipe import packed_data
+    workers = cfg.num_workers
+    it = iter(packed_data(cfg, mix, tok))
     t0 = time.perf_counter()
     keep = [next(it) for _ in range(max(1, workers))]
     print(f"  first {len(keep)} packs (worker start-up) in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -85,7 +84,6 @@ def main(argv=None):
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
     from bagel.checkpoint import load_tokenizer
-    from bagel.packing import PackConfig
     from bagel.recipe import RecipeConfig, make_data
     from bagel.testing import write_tiny_tokenizer
     from bench.common import RESULTS, report
@@ -96,11 +94,7 @@ def main(argv=None):
     t0 = time.perf_counter(); mix = make_data(cfg)
     print(f"data written in {time.perf_counter() - t0:.1f} s ({workers} processes)", flush=True)
     tok = load_tokenizer(write_tiny_tokenizer(out / "tok", vocab_size=cfg.model_config().llm.vocab_size))
-    tcfg, bcfg = cfg.train_config(), cfg.model_config()
-    pack = PackConfig.from_model(bcfg, expected_num_tokens=cfg.expected_num_tokens, max_num_tokens=cfg.max_num_tokens,
-                                 max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
-                                 pad_to_max=tcfg.use_flex)
-    dps, tps, packs = data_rate(cfg, mix, tok, pack, workers, a.packs)
+    dps, tps, packs = data_rate(cfg, mix, tok, a.packs)
     print(f"data: {dps:.2f} packs/s, {tps:,.0f} tokens/s with {workers} workers", flush=True)
     if a.data_only: return None
     s = step_time(cfg, packs[:8], a.steps, a.profile)

@@ -31,15 +31,15 @@ def _timed(fn, sync) -> tuple:  # -> (seconds, peak GiB, result)
 
 def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50) -> list:
     from PIL import Image
+    from bench.bench_generate import t2i
     size = (512 if name == "t2i512" else 1024) // scale
-    kw = dict(num_timesteps=steps, timestep_shift=3.0, cfg_text_scale=4.0, generator=torch.Generator().manual_seed(0), progress=False)
     if name.startswith("t2i"):
-        fn = lambda: inf.gen_image("a photo of a bagel on a red plate, studio light", image_shapes=(size, size),
-                                   cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), **kw)
-    else:
+        fn = lambda: t2i(inf, size, steps)
+    else:                                       # the app's edit defaults
         src = Image.new("RGB", (size, size), (120, 80, 40))
-        fn = lambda: inf.gen_image("make the plate blue", images=[src], cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-                                   cfg_renorm_type="text_channel", **kw)
+        fn = lambda: inf.gen_image("make the plate blue", images=[src], num_timesteps=steps, timestep_shift=3.0,
+                                   cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel",
+                                   generator=torch.Generator().manual_seed(0), progress=False)
     secs, peak, _ = _timed(fn, sync)
     return [name, f"{size}x{size}", round(secs, 2), FLOORS[name], f"{100 * FLOORS[name] / secs:.0f}%", round(peak, 1)]
 

@@ -47,8 +47,7 @@ def main(argv=None):
              log=print if rank == 0 else (lambda *x: None))
         return
     import torch
-    from bagel.recipe import make_base_dir, make_data
-    from bagel.recipe import RecipeConfig
+    from bagel.recipe import RecipeConfig, make_base_dir, make_data
     prep = replace(RecipeConfig.from_yaml(a.config), out=str(a.out / "data"))
     mix, base = make_data(prep), make_base_dir(prep)
     print(f"== 1 GPU, gradient accumulation {a.gpus}", flush=True)

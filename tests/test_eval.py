@@ -87,6 +87,19 @@ def test_batched_run_equals_item_by_item(engine, reference, tmp_path):
     assert summary["metrics"] == ref["metrics"]
     with pytest.raises(ValueError, match="batch_size"): run(ShapesWorldBench(n=2), engine, None, tmp_path / "x", FAST, batch_size=0)
 
+def test_engine_passes_the_step_cache(engine, reference, tmp_path):
+    "A step cache that computes every call reproduces the plain run; the default one changes the images; both are recorded."
+    from bagel.stepcache import StepCache
+    ref_out, ref = reference
+    full = run(ShapesWorldBench(n=2), BagelEngine(engine.inf, "tiny", step_cache=StepCache(fresh_threshold=1)), None,
+               tmp_path / "full", {**FAST, "num_timesteps": 12}, verbose=False)
+    plain = run(ShapesWorldBench(n=2), engine, None, tmp_path / "plain", {**FAST, "num_timesteps": 12}, verbose=False)
+    assert _files(tmp_path / "full") == _files(tmp_path / "plain") and full["metrics"] == plain["metrics"]
+    run(ShapesWorldBench(n=2), BagelEngine(engine.inf, "tiny", step_cache=StepCache()), None, tmp_path / "cached",
+        {**FAST, "num_timesteps": 12}, verbose=False)
+    assert _files(tmp_path / "cached")["t2i/0000.png"] != _files(tmp_path / "plain")["t2i/0000.png"]
+    assert "StepCache(" in json.loads((tmp_path / "cached" / "run.json").read_text())["engine"]["step_cache"]
+
 def test_two_shards_equal_one_process(engine, reference, tmp_path):
     ref_out, ref = reference
     assert run(ShapesWorldBench(n=2), engine, None, tmp_path, FAST, rank=1, world_size=2, verbose=False) is None

@@ -175,17 +175,21 @@ def test_config_errors(tmp_path):
         train(TrainConfig.tiny(results_dir=str(tmp_path / "r"), resume_from=str(md)), BagelConfig.tiny(), [])
 
 # ---------------------------------------------------------------------------------------------------------------
-def test_packed_dataset_integration(tmp_path):
-    "bagel.data.PackedDataset over the toy mix: 3 steps from a model dir; resuming at step 2 repeats step 3."
+def _toy_setup(tmp_path, n: int) -> tuple:  # -> (model dir, tokenizer, DataMix, PackConfig)
+    "A tiny model dir and the toy mix of `n` samples per source, with a small pack budget."
     from bagel.checkpoint import config_from_dir, load_tokenizer
-    from bagel.data import DataMix, PackedDataset, write_toy_dataset
+    from bagel.data import DataMix, write_toy_dataset
     from bagel.packing import PackConfig
     from bagel.testing import write_tiny_checkpoint
     md = write_tiny_checkpoint(tmp_path / "model")
-    tok, bcfg = load_tokenizer(md), config_from_dir(md)
-    mix = DataMix.from_yaml(write_toy_dataset(tmp_path / "data", n=6))
-    pcfg = PackConfig.from_model(bcfg, expected_num_tokens=200, max_num_tokens=256, max_num_tokens_per_sample=200,
+    pcfg = PackConfig.from_model(config_from_dir(md), expected_num_tokens=200, max_num_tokens=256, max_num_tokens_per_sample=200,
                                  prefer_buffer_before=128, max_buffer_size=4)
+    return md, load_tokenizer(md), DataMix.from_yaml(write_toy_dataset(tmp_path / "data", n=n)), pcfg
+
+def test_packed_dataset_integration(tmp_path):
+    "bagel.data.PackedDataset over the toy mix: 3 steps from a model dir; resuming at step 2 repeats step 3."
+    from bagel.data import PackedDataset
+    md, tok, mix, pcfg = _toy_setup(tmp_path, n=6)
     cfg = TrainConfig.tiny(total_steps=3, save_every=2, results_dir=str(tmp_path / "run"), auto_resume=True,
                            finetune_from_hf=True, finetune_from_ema=True)
     data = lambda r, w: PackedDataset(mix, tok, pcfg, rank=r, world_size=w, data_seed=cfg.data_seed)
@@ -198,15 +202,8 @@ def test_packed_dataset_integration(tmp_path):
 def test_time_budget_stops_with_a_checkpoint_and_workers_resume(tmp_path):
     "max_seconds=0 stops at the first log step with a checkpoint; a DataLoader with 2 workers resumes it exactly."
     from torch.utils.data import DataLoader
-    from bagel.checkpoint import config_from_dir, load_tokenizer
-    from bagel.data import DataMix, PackedDataset, write_toy_dataset
-    from bagel.packing import PackConfig
-    from bagel.testing import write_tiny_checkpoint
-    md = write_tiny_checkpoint(tmp_path / "model")
-    tok, bcfg = load_tokenizer(md), config_from_dir(md)
-    mix = DataMix.from_yaml(write_toy_dataset(tmp_path / "data", n=8))
-    pcfg = PackConfig.from_model(bcfg, expected_num_tokens=200, max_num_tokens=256, max_num_tokens_per_sample=200,
-                                 prefer_buffer_before=128, max_buffer_size=4)
+    from bagel.data import PackedDataset
+    md, tok, mix, pcfg = _toy_setup(tmp_path, n=8)
     data = lambda r, w: DataLoader(PackedDataset(mix, tok, pcfg, rank=r, world_size=w, data_seed=7), batch_size=None, num_workers=2)
     cfg = TrainConfig.tiny(total_steps=5, log_every=2, save_every=100, auto_resume=True, finetune_from_hf=True,
                            finetune_from_ema=True, progress=False)
