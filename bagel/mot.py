@@ -16,14 +16,14 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['LAYER_MODULES', 'ATTN_BACKENDS', 'ATTN_MODES', 'LLMConfig', 'RMSNorm', 'RotaryEmbedding', 'rotate_half', 'apply_rope',
-           'MLP', 'TokenInfo', 'same_seq', 'causal', 'same_split', 'noise_hidden', 'attn_allowed', 'AttnPlan',
-           'packed_attention', 'KVCache', 'Routing', 'MoTStep', 'Qwen2MoTAttention', 'Qwen2MoTDecoderLayer',
-           'Qwen2MoTModel', 'Qwen2MoTForCausalLM', 'copy_und_to_gen_']
+__all__ = ['LAYER_MODULES', 'ATTN_BACKENDS', 'ATTN_MODES', 'GROUP_TOKENS', 'LLMConfig', 'RMSNorm', 'RotaryEmbedding',
+           'rotate_half', 'apply_rope', 'MLP', 'TokenInfo', 'same_seq', 'causal', 'same_split', 'noise_hidden',
+           'attn_allowed', 'AttnPlan', 'packed_attention', 'KVCache', 'Routing', 'MoTStep', 'Qwen2MoTAttention',
+           'Qwen2MoTDecoderLayer', 'Qwen2MoTModel', 'Qwen2MoTForCausalLM', 'copy_und_to_gen_']
 
 # %% ../nbs/00_core_mot.ipynb #b885ccaf
 LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")  # known to BAGEL; only MoT is built here
-ATTN_BACKENDS = ("sdpa", "flex", "flash_attn")
+ATTN_BACKENDS = ("sdpa", "flex", "grouped", "flash_attn")
 _INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size", "max_position_embeddings")
 
@@ -413,8 +413,58 @@ def _flash(q, k, v, plan: AttnPlan) -> Tensor:
                                   max(a + b for a, b in zip(plan.kv_lens, plan.q_lens)),
                                   softmax_scale=q.shape[-1] ** -0.5, causal=kinds == {"causal"})
 
+# %% ../nbs/00_core_mot.ipynb #cf87c45e
+GROUP_TOKENS = 1024  # `grouped` backend: keys per group (a longer sequence gets a group of its own length)
+
+@patch
+def groups(self: AttnPlan, target: int = GROUP_TOKENS) -> tuple:
+    "Consecutive whole sequences gathered greedily into groups of at most max(`target`, longest sequence) keys."
+    key = ("groups", target)
+    if key not in self._memo:
+        lens = [a + b for a, b in zip(self.kv_lens, self.q_lens)]
+        cap, out, cur, n = max(target, max(lens)), [], [], 0
+        for i, m in enumerate(lens):
+            if cur and n + m > cap: out.append(tuple(cur)); cur, n = [], 0
+            cur.append(i); n += m
+        self._memo[key] = (*out, tuple(cur))
+    return self._memo[key]
+
+def _round_up(n: int, m: int = 16) -> int: return -(-n // m) * m
+
+def _group_layout(plan: AttnPlan, device, target: int) -> tuple:  # -> (q_idx [g, Lq], k_idx [g, Lk], mask [g, 1, Lq, Lk], inv [n_q])
+    "Where each packed token sits in the padded [groups, length] layout, and the groups' masks (memoised)."
+    key = ("grouped", str(device), target)
+    if key in plan._memo: return plan._memo[key]
+    gs = plan.groups(target)
+    spans = lambda cu: [(cu[g[0]], cu[g[-1] + 1]) for g in gs]
+    sq, sk = spans(plan.cu_q), spans(plan.cu_k)
+    Lq, Lk = (_round_up(max(b - a for a, b in s)) for s in (sq, sk))   # 16-aligned: the fused kernels' mask stride
+    q_idx, k_idx = torch.full((len(gs), Lq), plan.n_q), torch.full((len(gs), Lk), plan.n_k)  # pad -> one zero row
+    for j, ((a, b), (c, d)) in enumerate(zip(sq, sk)):
+        q_idx[j, :b - a], k_idx[j, :d - c] = torch.arange(a, b), torch.arange(c, d)
+    inv = torch.cat([torch.arange(b - a) + j * Lq for j, (a, b) in enumerate(sq)])
+    q_idx, k_idx, inv = (t.to(device) for t in (q_idx, k_idx, inv))
+    qi, ki = plan.token_info(device)
+    q_ok, k_ok = q_idx < plan.n_q, k_idx < plan.n_k
+    qg, kg = qi.at(q_idx.clamp(max=plan.n_q - 1)), ki.at(k_idx.clamp(max=plan.n_k - 1))
+    allowed = attn_allowed(qg.at((slice(None), slice(None), None)), kg.at((slice(None), None, slice(None))))
+    # pad keys are hidden; pad query rows see every key, so that no row is all -inf (NaN in the backward)
+    mask = (allowed & k_ok[:, None, :]) | ~q_ok[:, :, None]
+    plan._memo[key] = out = (q_idx, k_idx, mask[:, None], inv)
+    return out
+
+def _grouped(q, k, v, plan: AttnPlan, target: int = GROUP_TOKENS) -> Tensor:
+    "Sequences gathered into padded groups: one masked SDPA call over [groups, h, L, d], no loop, no compile."
+    q_idx, k_idx, mask, inv = _group_layout(plan, q.device, target)
+    gather = lambda t, idx: rearrange(torch.cat([t, t.new_zeros(1, *t.shape[1:])])[idx], "g n h d -> g h n d")
+    qg, kg, vg = gather(q, q_idx), gather(k, k_idx), gather(v, k_idx)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1: kg, vg = (repeat(t, "g h n d -> g (h r) n d", r=rep) for t in (kg, vg))  # masked kernels take no GQA
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=q.shape[-1] ** -0.5)
+    return rearrange(o, "g h n d -> (g n) h d")[inv]
+
 # %% ../nbs/00_core_mot.ipynb #d6485a7b
-_BACKENDS = {"sdpa": _sdpa, "flex": _flex, "flash_attn": _flash}
+_BACKENDS = {"sdpa": _sdpa, "flex": _flex, "grouped": _grouped, "flash_attn": _flash}
 
 def packed_attention(
     q: Tensor,  # [n_q, h, d] queries, packed sequence by sequence

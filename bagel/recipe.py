@@ -104,7 +104,7 @@ def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_si
     tcfg = cfg.train_config()
     pack = PackConfig.from_model(cfg.model_config(), expected_num_tokens=cfg.expected_num_tokens, max_num_tokens=cfg.max_num_tokens,
                                  max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
-                                 pad_to_max=tcfg.use_flex)   # flex: one sequence length, one compiled kernel
+                                 pad_to_max=tcfg.attn_backend == "flex")   # one sequence length, one compiled kernel
     ds = PackedDataset(DataMix.from_yaml(mix), tokenizer, pack, rank=rank, world_size=world_size, data_seed=tcfg.data_seed)
     return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4) if cfg.num_workers else ds
 

@@ -18,7 +18,7 @@ from .distributed import (all_reduce_sum, export_ema, get_rank, get_world_size, 
                                is_complete, latest_checkpoint, load_checkpoint, load_weights_, make_mesh, parallelize,
                                save_checkpoint, SHARDING, _copy_full_, _full)
 from .model import Bagel, BagelConfig, PackedBatch, TrainOutput
-from .mot import LLMConfig, copy_und_to_gen_
+from .mot import ATTN_BACKENDS, LLMConfig, copy_und_to_gen_
 from .testing import toy_packed_batch
 
 # %% auto #0
@@ -56,7 +56,7 @@ class TrainConfig:
     freeze_vae: bool = True
     freeze_und: bool = False
     copy_init_moe: bool = True
-    use_flex: bool = False                # flex attention (GPU); sdpa otherwise
+    attn_backend: str = "sdpa"            # packed attention: sdpa | flex (compiled on GPU) | grouped (many short samples)
     # runs, checkpoints, resume (§5.9)
     results_dir: str = "results"          # metrics.jsonl goes here
     checkpoint_dir: str | None = None     # default: {results_dir}/checkpoints
@@ -90,6 +90,8 @@ def _check_train_config(c: TrainConfig):
         raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {c.lr_scheduler!r}")
     if c.sharding_strategy not in SHARDING:
         raise ValueError(f"sharding_strategy must be one of {', '.join(SHARDING)}, got {c.sharding_strategy!r}")
+    if c.attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {', '.join(ATTN_BACKENDS)}, got {c.attn_backend!r}")
     if c.mixed_precision not in ("bf16", "fp32"): raise ValueError(f"mixed_precision must be 'bf16' or 'fp32', got {c.mixed_precision!r}")
     for k in ("total_steps", "gradient_accumulation_steps", "log_every", "save_every", "num_replicate"):
         if not isinstance(getattr(c, k), int) or getattr(c, k) < 1: raise ValueError(f"TrainConfig.{k} must be an int >= 1, got {getattr(c, k)!r}")
@@ -118,6 +120,7 @@ def _from_dict(cls, d: dict) -> TrainConfig:
     if not isinstance(d, dict): raise TypeError(f"TrainConfig.from_dict needs a mapping, got {type(d).__name__}")
     types = {f.name: f.type for f in fields(cls)}
     d = {k.replace("-", "_"): v for k, v in d.items()}
+    if "use_flex" in d: raise ValueError("TrainConfig.use_flex was replaced by attn_backend: write attn_backend: flex (or sdpa)")
     bad = sorted(k for k in d if k not in types)
     if bad: raise ValueError(f"unknown TrainConfig keys {bad}; valid keys: {', '.join(types)}")
     return cls(**{k: _coerce(k, types[k], v) for k, v in d.items()})
@@ -236,7 +239,7 @@ class EMA:
 # %% ../nbs/30_train_fsdp.ipynb #7ff7d938
 def model_config(cfg: TrainConfig, base: BagelConfig) -> BagelConfig:
     "The run's switches written into a model config."
-    llm = replace(base.llm, freeze_und=cfg.freeze_und, attn_backend="flex" if cfg.use_flex else "sdpa")
+    llm = replace(base.llm, freeze_und=cfg.freeze_und, attn_backend=cfg.attn_backend)
     return replace(base, llm=llm, visual_gen=cfg.visual_gen, visual_und=cfg.visual_und, timestep_shift=cfg.timestep_shift)
 
 def apply_freeze_(model: Bagel, cfg: TrainConfig) -> Bagel:

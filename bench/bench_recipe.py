@@ -104,7 +104,7 @@ def main(argv=None):
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]
     report("ShapesWorld recipe: data pipeline vs device step", COLUMNS, [row],
-           notes=f"data: {tps:,.0f} tokens/s from {workers} DataLoader workers (pack incl. a flex pad when use_flex); "
+           notes=f"data: {tps:,.0f} tokens/s from {workers} DataLoader workers (pack incl. a pad when attn_backend is flex); "
                  "step: VAE encode + forward + backward + clip + AdamW + EMA on packs held in memory.",
            results=a.results or RESULTS)
     return row

@@ -55,7 +55,7 @@ def bench(size: str, layers: int, steps: int, pairs: int, attn: str, activation_
     else:
         base = BagelConfig.tiny(); shape = dict(vit_px=16, latent_tokens=4, text_len=24)
     cfg = TrainConfig(mixed_precision="bf16" if cuda else "fp32", activation_checkpointing=activation_checkpointing,
-                      warmup_steps=0, use_flex=attn == "flex", num_shard=None, progress=False)
+                      warmup_steps=0, attn_backend=attn, num_shard=None, progress=False)
     net = build_model(model_config(cfg, base), cfg, make_mesh(cfg.sharding_strategy, 1, None, dev.type), dev)
     opt, sched = make_optimizer(net, cfg); ema = EMA(net, cfg.ema)
     batch = mixed_batch(net.config, pairs, **shape, seed=rank)
@@ -85,7 +85,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=8, help="decoder layers at the 7B width (28 in the real model)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=6, help="VLM + T2I sample pairs per pack (7b: ~2.8k tokens each)")
-    ap.add_argument("--attn", choices=["sdpa", "flex"], default="flex" if torch.cuda.is_available() else "sdpa")
+    ap.add_argument("--attn", choices=["sdpa", "flex", "grouped"], default="flex" if torch.cuda.is_available() else "sdpa")
     ap.add_argument("--no-ac", action="store_true", help="turn activation checkpointing off")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)

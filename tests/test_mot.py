@@ -219,7 +219,7 @@ def test_errors():
         AttnPlan([2, 3, 2], [0, 0, 0], [2, 2, 3], ["causal"] * 3)
     with pytest.raises(ValueError, match="one per sequence"): AttnPlan.batch([2, 3], "causal", [0])
     with pytest.raises(TypeError, match="list of ints"): AttnPlan([2.5], [0], [2.5], ["causal"])
-    with pytest.raises(ValueError, match="valid: sdpa, flex, flash_attn"):
+    with pytest.raises(ValueError, match="valid: sdpa, flex, grouped, flash_attn"):
         packed_attention(torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4), AttnPlan.single(3), "naive")
     with pytest.raises(ValueError, match="needs every sequence to be one causal split"):
         packed_attention(torch.randn(5, 2, 4), torch.randn(5, 2, 4), torch.randn(5, 2, 4),
