@@ -42,6 +42,8 @@ class TrainConfig:
     total_steps: int = 500_000            # optimizer steps
     max_grad_norm: float = 1.0            # <= 0: no clipping (the norm is still logged)
     ema: float = 0.9999                   # EMA decay
+    ema_warmup: bool = False              # decay min(ema, (1+k)/(10+k)) at step k, so that a run from scratch
+                                          # forgets its random init (0.999**1450 of it is still 23%)
     gradient_accumulation_steps: int = 1
     # losses (§5.2)
     ce_weight: float = 1.0
@@ -211,17 +213,22 @@ def _local(t: Tensor) -> Tensor: return t.to_local() if hasattr(t, "to_local") e
 
 class EMA:
     "Exponential moving average of a model's parameters, sharded like them."
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float,
+                 warmup: bool = False):  # decay min(decay, (1+k)/(10+k)) at optimizer step k
+        self.decay, self.warmup = decay, warmup
         self.params = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.trained = [n for n, p in model.named_parameters() if p.requires_grad]
 
     @torch.no_grad()
-    def update(self, model: nn.Module):
-        "ema <- decay*ema + (1-decay)*param for trainable parameters."
+    def update(self, model: nn.Module, step: int | None = None):  # step: optimizer steps done, this one included
+        "ema <- d*ema + (1-d)*param for trainable parameters; d = decay, or its warm-up value at `step`."
+        d = self.decay_at(step)
         live = dict(model.named_parameters())
         e, p = [_local(self.params[n]) for n in self.trained], [_local(live[n].detach()) for n in self.trained]
-        if e: torch._foreach_lerp_(e, p, 1.0 - self.decay)
+        if e: torch._foreach_lerp_(e, p, 1.0 - d)
+
+    def decay_at(self, step: int | None) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup and step is not None else self.decay
 
     def state_dict(self) -> dict: return self.params      # DCP saves and loads these tensors in place
 
@@ -326,7 +333,7 @@ def train_step(model: Bagel, opt, sched, ema: EMA, batches: list, cfg: TrainConf
         if p.grad is None: p.grad = torch.zeros_like(p)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     lr = opt.param_groups[0]["lr"]
-    opt.step(); sched.step(); ema.update(model); opt.zero_grad(set_to_none=True)
+    opt.step(); sched.step(); ema.update(model, sched.last_epoch); opt.zero_grad(set_to_none=True)
     ce, mse = (all_reduce_sum(acc.to(dev)).cpu() / W).tolist()
     return dict(loss=cfg.ce_weight * ce + cfg.mse_weight * mse, ce=ce, mse=mse, lr=lr, grad_norm=float(_full(norm)))
 
@@ -396,17 +403,17 @@ def _resume(cfg: TrainConfig, net: Bagel, opt, sched, model_dir, ignore: tuple):
     from bagel.checkpoint import WEIGHTS
     latest = latest_checkpoint(cfg.ckpt_dir) if cfg.auto_resume else None
     src = latest or (Path(cfg.resume_from) if cfg.resume_from else model_dir if cfg.finetune_from_hf else None)
-    if src is None: return EMA(net, cfg.ema), 0, None, None, None
+    if src is None: return EMA(net, cfg.ema, cfg.ema_warmup), 0, None, None, None
     if is_complete(src):
         full = latest is not None or not cfg.resume_model_only
         msd = get_model_state_dict(net)
-        ema = EMA(net, cfg.ema)
+        ema = EMA(net, cfg.ema, cfg.ema_warmup)
         state = {"ema" if (cfg.finetune_from_ema and not full) else "model": msd}
         if full: state |= {"ema": ema.params, "optim": get_optimizer_state_dict(net, opt)}
         trainer, rank_state, meta = load_checkpoint(src, state)
         set_model_state_dict(net, state.get("model", state.get("ema")))
         if not full:
-            ema = EMA(net, cfg.ema); load_checkpoint(src, {"ema": ema.params})
+            ema = EMA(net, cfg.ema, cfg.ema_warmup); load_checkpoint(src, {"ema": ema.params})
             return ema, 0, None, None, src
         set_optimizer_state_dict(net, opt, optim_state_dict=state["optim"])
         sched.load_state_dict(trainer["scheduler"])
@@ -418,7 +425,7 @@ def _resume(cfg: TrainConfig, net: Bagel, opt, sched, model_dir, ignore: tuple):
     if not wfile.is_file():
         raise FileNotFoundError(f"{wfile} does not exist: official model dirs hold only {WEIGHTS}; set finetune_from_ema=True")
     load_weights_(net, wfile, ignore=ignore)
-    ema = EMA(net, cfg.ema)
+    ema = EMA(net, cfg.ema, cfg.ema_warmup)
     if (Path(src) / WEIGHTS).is_file() and wfile.name != WEIGHTS: ema.load_file_(Path(src) / WEIGHTS)
     return ema, 0, None, None, None
 
