@@ -236,7 +236,7 @@ def _run(self: Bagel, ctxs: list, blk: _Block, update_cache: bool) -> Tensor:  #
     if len(ctxs) != len(blk.embeds): raise ValueError(f"{len(ctxs)} contexts for {len(blk.embeds)} sequences")
     q_lens = [e.shape[0] for e in blk.embeds]
     plan = AttnPlan.batch(q_lens, [blk.mode] * len(ctxs), [len(c) for c in ctxs])
-    is_gen = torch.cat(blk.is_gen)
+    is_gen = torch.cat(blk.is_gen)                     # on the host: routing needs no device sync
     return self.language_model.model(torch.cat(blk.embeds), torch.cat(blk.pos), plan,
                                      is_gen=is_gen if bool(is_gen.any()) else None,
                                      caches=[c.cache for c in ctxs], update_cache=update_cache)
@@ -254,7 +254,7 @@ def extend_text(self: Bagel, ctxs: list, blocks: list,  # b contexts; b lists of
     dev = self.device
     ids = [torch.as_tensor(b, dtype=torch.long, device=dev) for b in blocks]
     blk = _Block([self.embed_text(i) for i in ids], [_positions(c, len(i), False, dev) for c, i in zip(ctxs, ids)],
-                 [torch.zeros(len(i), dtype=torch.bool, device=dev) for i in ids], "causal")
+                 [torch.zeros(len(i), dtype=torch.bool) for i in ids], "causal")
     h = self._run(ctxs, blk, update_cache=True)
     for c, i in zip(ctxs, ids): c.rope += len(i)
     if not return_logits: return None
@@ -274,7 +274,7 @@ def _framed(self: Bagel, inner: Tensor, ctx: Context, inner_gen: bool) -> tuple:
     tk, dev = self.config.tokens, self.device
     marks = self.embed_text(torch.tensor([tk.start_of_image, tk.end_of_image], device=dev))
     x = torch.cat([marks[:1], inner.to(marks.dtype), marks[1:]])
-    g = torch.zeros(x.shape[0], dtype=torch.bool, device=dev); g[1:-1] = inner_gen
+    g = torch.zeros(x.shape[0], dtype=torch.bool); g[1:-1] = inner_gen           # host mask (no device sync)
     return x, _positions(ctx, x.shape[0], True, dev), g
 
 @patch
@@ -316,7 +316,7 @@ def velocity(self: Bagel, ctxs: list,  # b contexts (never modified)
         parts.append(self._framed(self.embed_latent(x.to(dev), ti.expand(h * w), ids), c, True))
     blk = _Block(*map(list, zip(*parts)), "full")
     out = self._run(ctxs, blk, update_cache=False)
-    v = self.llm2vae(out[torch.cat(blk.is_gen)]).float()
+    v = self.llm2vae(out[torch.cat(blk.is_gen).nonzero().squeeze(1).to(dev)]).float()   # host mask -> indices
     return list(v.split([h * w for h, w in grids]))
 
 # %% ../nbs/02_model.ipynb #07c8051f
@@ -379,6 +379,7 @@ def shift_timesteps(t: Tensor, shift: float) -> Tensor:
 def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | None = None) -> TrainOutput:
     "Training forward over a packed batch: CE logits at text-loss positions, velocities at noisy positions."
     cfg, dev, S = self.config, self.device, batch.sequence_length
+    host = batch                     # routing, ViT bounds and the noisy rows are read here: no device sync
     batch = batch.to(dev)            # index tensors and inputs follow the model
     total = sum(batch.sample_lens)   # > S when the packer added a flex pad pseudo-sample (one causal split) at the end
     if sum(batch.split_lens) != total or total < S or (total > S and batch.attn_modes[-1] != "causal"):
@@ -386,9 +387,9 @@ def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | 
                          f"sequence_length {S} (plus at most a trailing causal pad split)")
     x = torch.zeros(total, cfg.llm.hidden_size, device=dev, dtype=self.dtype)   # pad rows stay zero
     x[batch.packed_text_indexes] = self.embed_text(batch.packed_text_ids)
-    is_gen = torch.zeros(total, dtype=torch.bool, device=dev)
+    is_gen = torch.zeros(total, dtype=torch.bool)                               # on the host
     if batch.packed_vit_tokens is not None and len(batch.packed_vit_tokens):
-        cu = F.pad(batch.vit_token_seqlens.cumsum(0), (1, 0)).to(torch.int32)
+        cu = F.pad(host.vit_token_seqlens.cpu().cumsum(0), (1, 0)).to(torch.int32)
         vit = self.vit_model(batch.packed_vit_tokens.to(dev, self.dtype), batch.packed_vit_position_ids, cu)
         x[batch.packed_vit_token_indexes] = self.connector(vit) + self.vit_pos_embed(batch.packed_vit_position_ids)
     pred = target = None
@@ -400,13 +401,13 @@ def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | 
         t = shift_timesteps(torch.sigmoid(batch.packed_timesteps.to(dev).float()), cfg.timestep_shift)
         x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
         x[batch.packed_vae_token_indexes] = self.embed_latent(x_t, t, batch.packed_latent_position_ids)
-        is_gen[batch.packed_vae_token_indexes] = True
-        noisy = t > 0
+        is_gen[host.packed_vae_token_indexes.cpu()] = True
+        noisy = torch.isfinite(host.packed_timesteps.cpu()).nonzero().squeeze(1).to(dev)   # clean images: t = -inf -> 0
         target = (eps - x0)[noisy]
     plan = AttnPlan(q_lens=list(batch.sample_lens), kv_lens=[0] * len(batch.sample_lens),
                     split_lens=list(batch.split_lens), attn_modes=list(batch.attn_modes))
     pos = F.pad(batch.packed_position_ids.to(dev), (0, total - len(batch.packed_position_ids)))  # pad: position 0
-    h = self.language_model.model(x, pos, plan, is_gen=is_gen if bool(is_gen.any()) else None)
+    h = self.language_model.model(x, pos, plan, is_gen=is_gen if bool(is_gen.any()) else None)     # host check
     if target is not None and batch.mse_loss_indexes is not None:
         pred = self.llm2vae(h[batch.mse_loss_indexes]).float()
     logits = None

@@ -520,12 +520,17 @@ class Routing:
     all_gen: bool = False
 
     @classmethod
-    def from_mask(cls, is_gen: Tensor | None) -> Routing:
-        "From a bool [n] gen mask (None: all und)."
-        if is_gen is None or not bool(is_gen.any()): return cls()
-        if bool(is_gen.all()): return cls(all_gen=True)
+    def from_mask(cls, is_gen: Tensor | None, device=None) -> Routing:
+        "From a bool [n] gen mask (None: all und); the index tensors go to `device` (default: the mask's)."
+        # A mask on the host costs no device synchronisation: the counts and nonzero() below run on the CPU and only
+        # the finished index tensors are copied. The model builds its masks there; a device mask still works (3 syncs).
+        if is_gen is None: return cls()
+        n_gen = int(is_gen.sum())
+        if n_gen == 0: return cls()
+        if n_gen == is_gen.numel(): return cls(all_gen=True)
         und_idx, gen_idx = (~is_gen).nonzero().squeeze(1), is_gen.nonzero().squeeze(1)
-        return cls(und_idx, gen_idx, torch.cat([und_idx, gen_idx]).argsort())
+        inv = torch.cat([und_idx, gen_idx]).argsort()
+        return cls(*(t.to(device or is_gen.device) for t in (und_idx, gen_idx, inv)))
 
     def __call__(self, x: Tensor, f_und: Callable, f_gen: Callable, detach_und: bool = False) -> Tensor:
         "Apply each expert's function to its tokens (rows of `x`), in token order."
@@ -656,7 +661,7 @@ def forward(
 ) -> Tensor:  # [n, H] final hidden states (und: `norm`, gen: `norm_moe_gen`)
     "The MoT decoder over a packed batch; training and inference alike."
     _check_forward(self, inputs_embeds, position_ids, plan, is_gen, caches, update_cache)
-    route, fz = Routing.from_mask(is_gen), self.cfg.freeze_und
+    route, fz = Routing.from_mask(is_gen, inputs_embeds.device), self.cfg.freeze_und
     x = route(inputs_embeds, nn.Identity(), nn.Identity(), True) if fz else inputs_embeds  # und inputs detached
     cos, sin = self.rotary_emb(position_ids, x.dtype)
     step = MoTStep(cos, sin, plan, route, self.cfg.attn_backend, fz)

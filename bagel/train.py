@@ -316,26 +316,37 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def train_step(model: Bagel, opt, sched, ema: EMA, batches: list, cfg: TrainConfig,
                generator: torch.Generator | None = None,  # noise (flow eps, VAE posterior)
-               vae=None) -> dict:                          # encodes batches that have padded_images only
+               vae=None,                                   # encodes batches that have padded_images only
+               sync: bool = True) -> dict:                 # False: the values stay 0-d device tensors (no host sync)
     "One optimizer step over the micro-batches of this rank; returns the logged values."
-    W, dev, acc = get_world_size(), model.device, torch.zeros(2)
+    W, dev = get_world_size(), model.device
+    acc = torch.zeros(2, device=dev)
     for b in batches:
         if b.padded_latent is None and b.padded_images is not None:
             if vae is None: raise ValueError("a batch holds padded_images but no VAE was given to encode them")
             b.encode_images(vae, generator)
         with _autocast(cfg, dev): out = model.forward_train(b, generator)
-        counts = all_reduce_sum(local_counts(out, b, cfg.ce_loss_reweighting).to(dev)).cpu()
+        counts = local_counts(out, b, cfg.ce_loss_reweighting)           # host numbers; summed over ranks when W > 1
+        if W > 1: counts = all_reduce_sum(counts.to(dev)).cpu()
         L = reduce_losses(out, b, cfg, counts, W)
         L.loss.backward()
-        acc += torch.stack([L.ce.cpu(), L.mse.cpu()]) / len(batches)
+        acc += torch.stack([L.ce.detach(), L.mse.detach()]).to(dev) / len(batches)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         if p.grad is None: p.grad = torch.zeros_like(p)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     lr = opt.param_groups[0]["lr"]
     opt.step(); sched.step(); ema.update(model, sched.last_epoch); opt.zero_grad(set_to_none=True)
-    ce, mse = (all_reduce_sum(acc.to(dev)).cpu() / W).tolist()
-    return dict(loss=cfg.ce_weight * ce + cfg.mse_weight * mse, ce=ce, mse=mse, lr=lr, grad_norm=float(_full(norm)))
+    ce, mse = all_reduce_sum(acc) / W
+    rec = dict(loss=cfg.ce_weight * ce + cfg.mse_weight * mse, ce=ce, mse=mse, lr=lr, grad_norm=_full(norm))
+    return _synced(rec) if sync else rec
+
+def _synced(rec: dict) -> dict:
+    "Tensor values as Python floats (one device sync)."
+    ts = [k for k, v in rec.items() if isinstance(v, Tensor)]
+    if not ts: return rec
+    dev = rec[ts[0]].device
+    return rec | dict(zip(ts, torch.stack([rec[k].detach().float().reshape(()).to(dev) for k in ts]).cpu().tolist()))
 
 # %% ../nbs/30_train_fsdp.ipynb #871b0d1e
 @dataclass
@@ -500,11 +511,12 @@ def _loop(cfg, net, opt, sched, ema, vae, bcfg, it, tracker, gen, step, ckpt, me
         except StopIteration:
             warnings.warn(f"the data ran out after {step} steps"); break
         win[4] += time.perf_counter() - tw                                  # seconds spent waiting for data
-        rec = train_step(net, opt, sched, ema, batches, cfg, gen, vae)
+        logs = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps
+        rec = train_step(net, opt, sched, ema, batches, cfg, gen, vae, sync=logs or bool(callbacks))  # else: no host sync
         step += 1; tracker.update(batches); bar.update(1)
         lens = [n for b in batches for n in b.sample_lens]
         win[:3] += torch.tensor([float(sum(lens)), float(sum(n * n for n in lens)), float(len(lens))])
-        if step % cfg.log_every == 0 or step == cfg.total_steps:
+        if logs:
             win[3] = float(cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds)
             tok, sq, smp, late, wait = all_reduce_sum(win.to(net.device)).cpu().tolist()   # every rank sees the same `late`
             dt = time.perf_counter() - t0

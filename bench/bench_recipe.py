@@ -48,13 +48,11 @@ def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
         t1 = time.perf_counter(); train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae); sync()
         print(f"  warm-up step {i}: {time.perf_counter() - t1:.2f} s", flush=True)
     warm = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t1 = time.perf_counter(); train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae); sync()
-        times.append(time.perf_counter() - t1)
-    dt = sum(times) / steps
-    print("  step times:", " ".join(f"{t:.3f}" for t in times), flush=True)
-    print(f"step: {dt:.4f} s/step over {steps} steps", flush=True)
+    t1 = time.perf_counter()
+    for _ in range(steps): train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae, sync=False)  # as the loop runs
+    sync(); dt = (time.perf_counter() - t1) / steps
+    print(f"step: {dt:.4f} s/step over {steps} steps (no host sync between steps, as in training)", flush=True)
+    if cuda: print(f"  host syncs inside one step: {_sync_sites(lambda: train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae, sync=False))}")
     table = None
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
@@ -67,6 +65,17 @@ def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
                  + "\n" + ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     return dict(step_s=dt, warmup_s=warm, params=sum(p.numel() for p in net.parameters()), table=table,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+def _sync_sites(fn) -> str:
+    "Run `fn` under CUDA's sync debug mode; the count of synchronising calls and where they come from."
+    import collections, warnings
+    torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always"); fn()
+    finally: torch.cuda.set_sync_debug_mode(0)
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in ws if "synchroniz" in str(w.message))
+    return f"{sum(sites.values())} ({', '.join(f'{k} x{v}' for k, v in sites.most_common(8)) or 'none'})"
 
 COLUMNS = ["config", "model params", "tokens/pack", "samples/pack", "data workers", "data packs/s", "step s",
            "step packs/s", "bound by", "warm-up s", "peak GiB"]
