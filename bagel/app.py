@@ -115,7 +115,7 @@ class Previewer:
     def __call__(self, step: int, total: int, xs: list):
         x_next = xs[0]
         if step % self.every == 0 and step < total:
-            self.emit(self.decode(x0_prediction(self.x, x_next, float(self.ts[step - 1]), float(self.ts[step]))))
+            self.emit(self.decode(x0_prediction(self.x.to(x_next.device), x_next, float(self.ts[step - 1]), float(self.ts[step]))))
         self.x = x_next
 
 # %% ../nbs/70_app.ipynb #04d480a9

@@ -50,8 +50,10 @@ class Inferencer:
     "Generation, editing and understanding over a loaded BAGEL model dir."
     def __init__(self, bundle: BagelBundle,
                  vae_transform: ImageTransform | None = None,   # default: the app's 1024/512/16, capped by the model
-                 vit_transform: ImageTransform | None = None):  # default: the app's 980/224/14, capped by the model
+                 vit_transform: ImageTransform | None = None,   # default: the app's 980/224/14, capped by the model
+                 fast: bool = False):                           # text decoding through bagel.fastdecode.StaticDecoder
         self.bundle, self.model, self.vae, self.tokenizer = bundle, bundle.model, bundle.vae, bundle.tokenizer
+        self.fast = fast
         self.config = cfg = bundle.config
         self.vae_transform = vae_transform or default_transforms(cfg)[0]
         self.vit_transform = vit_transform or default_transforms(cfg)[1]
@@ -114,17 +116,24 @@ def gen_text(self: Inferencer, ctxs: list,
              max_length: int = 500,            # new tokens at most (excluding <|im_start|>)
              do_sample: bool = False,          # sample from softmax(logits / temperature) instead of argmax
              temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> list:  # -> decoded strings, one per context
+             generator: torch.Generator | None = None,
+             fast: bool | None = None) -> list:  # static KV buffers (+ CUDA graph on GPU); None: self.fast
     "Decode text after each context (on forks; the contexts are not modified)."
     if max_length < 1: raise ValueError(f"max_length must be >= 1, got {max_length}")
     if do_sample and temperature <= 0: raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     tk, m = self.config.tokens, self.model
-    live = [c.fork() for c in ctxs]
+    if self.fast if fast is None else fast:
+        from bagel.fastdecode import StaticDecoder
+        dec = StaticDecoder(m, ctxs, max_length)                    # every sequence steps; finished ones are ignored
+        step = lambda idx: dec(tokens)[idx]
+    else:
+        live = [c.fork() for c in ctxs]
+        step = lambda idx: m.extend_text([live[i] for i in idx], [[tokens[i]] for i in idx], return_logits=True)
     out, done = [[] for _ in ctxs], [False] * len(ctxs)
     tokens = [tk.bos_token_id] * len(ctxs)
     for _ in range(max_length):
         idx = [i for i, d in enumerate(done) if not d]
-        logits = m.extend_text([live[i] for i in idx], [[tokens[i]] for i in idx], return_logits=True).float()
+        logits = step(idx).float()
         if do_sample:
             probs = torch.softmax(logits / temperature, dim=-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
@@ -181,7 +190,8 @@ def generate_from(self: Inferencer, prompts: list, shapes: list,
     velocity = lambda ctxs, xs, t: self.model.velocity(ctxs, xs, t, [grids[i % B] for i in range(len(ctxs))])
     if step_cache is not None:
         velocity = step_cache.model_velocity(self.model, lambda ctxs: [grids[i % B] for i in range(len(ctxs))])
-    x0 = sample(velocity, [n.float() for n in noise], branches, sampling, callback=callback, progress=progress)
+    # the states live on the model's device: no velocity goes back to the host between steps
+    x0 = sample(velocity, [n.float().to(self.model.device) for n in noise], branches, sampling, callback=callback, progress=progress)
     return [self.decode_latents(x, s) for x, s in zip(x0, shapes)]
 
 Inferencer._check_shape, Inferencer.decode_latents, Inferencer.generate_from = _check_shape, decode_latents, generate_from

@@ -11,15 +11,14 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
 from fastcore.basics import patch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['LAYER_MODULES', 'ATTN_BACKENDS', 'ATTN_MODES', 'GROUP_TOKENS', 'LLMConfig', 'RMSNorm', 'RotaryEmbedding',
-           'rotate_half', 'apply_rope', 'MLP', 'TokenInfo', 'same_seq', 'causal', 'same_split', 'noise_hidden',
-           'attn_allowed', 'AttnPlan', 'packed_attention', 'KVCache', 'Routing', 'MoTStep', 'Qwen2MoTAttention',
-           'Qwen2MoTDecoderLayer', 'Qwen2MoTModel', 'Qwen2MoTForCausalLM', 'copy_und_to_gen_']
+__all__ = ['LAYER_MODULES', 'ATTN_BACKENDS', 'ATTN_MODES', 'GROUP_TOKENS', 'OVERLAY_FRACTION', 'LLMConfig', 'RMSNorm',
+           'RotaryEmbedding', 'rotate_half', 'apply_rope', 'MLP', 'TokenInfo', 'same_seq', 'causal', 'same_split',
+           'noise_hidden', 'attn_allowed', 'AttnPlan', 'packed_attention', 'KVCache', 'Routing', 'MoTStep',
+           'Qwen2MoTAttention', 'Qwen2MoTDecoderLayer', 'Qwen2MoTModel', 'Qwen2MoTForCausalLM', 'copy_und_to_gen_']
 
 # %% ../nbs/00_core_mot.ipynb #b885ccaf
 LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")  # known to BAGEL; only MoT is built here
@@ -139,9 +138,8 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., dim]
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, back to x's dtype, times the weight; one fused call instead of five
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 # %% ../nbs/00_core_mot.ipynb #184e311c
 class RotaryEmbedding(nn.Module):
@@ -354,6 +352,11 @@ def _check_qkv(q, k, v, plan: AttnPlan):
     if q.shape[2] != k.shape[2]: raise ValueError(f"q head_dim {q.shape[2]} != k head_dim {k.shape[2]}")
     if q.shape[1] % k.shape[1]: raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
 
+# Layout moves on the per-layer path are plain views: an einops call costs tens of microseconds of Python, and a
+# denoising pass makes hundreds of them, which a GPU spends idle.
+def _bhnd(t: Tensor) -> Tensor: return t.transpose(0, 1).unsqueeze(0)   # [n, h, d] -> [1, h, n, d]
+def _nhd(t: Tensor) -> Tensor: return t.squeeze(0).transpose(0, 1)     # [1, h, n, d] -> [n, h, d]
+
 def _sdpa(q, k, v, plan: AttnPlan) -> Tensor:
     "Per-sequence SDPA with mask shortcuts, shaped so that PyTorch's fused kernels can take every call."
     # Fused kernels (flash, memory-efficient, cuDNN) need 4-D [b, h, n, d] inputs: 3-D ones silently fall back to the
@@ -361,17 +364,17 @@ def _sdpa(q, k, v, plan: AttnPlan) -> Tensor:
     # repeated so that the memory-efficient kernel can take it.
     rep, outs = q.shape[1] // k.shape[1], []
     for i in range(plan.n_seq):
-        qi = rearrange(q[plan.cu_q[i]:plan.cu_q[i + 1]], "n h d -> 1 h n d")
-        ki, vi = (rearrange(t[plan.cu_k[i]:plan.cu_k[i + 1]], "n h d -> 1 h n d") for t in (k, v))
+        qi = _bhnd(q[plan.cu_q[i]:plan.cu_q[i + 1]])
+        ki, vi = _bhnd(k[plan.cu_k[i]:plan.cu_k[i + 1]]), _bhnd(v[plan.cu_k[i]:plan.cu_k[i + 1]])
         kind, mask, is_causal = plan.seq_kind(i), None, False
         if kind == "causal" and qi.shape[2] > 1:
             if plan.kv_lens[i] == 0: is_causal = True
             else: mask = plan.seq_mask(i, q.device)
         elif kind == "mixed": mask = plan.seq_mask(i, q.device)
-        if mask is not None and rep > 1: ki, vi = (repeat(t, "1 h n d -> 1 (h g) n d", g=rep) for t in (ki, vi))
+        if mask is not None and rep > 1: ki, vi = ki.repeat_interleave(rep, 1), vi.repeat_interleave(rep, 1)
         o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=is_causal,
                                            scale=q.shape[-1] ** -0.5, enable_gqa=ki.shape[1] != qi.shape[1])
-        outs.append(rearrange(o, "1 h n d -> n h d"))
+        outs.append(_nhd(o))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 # %% ../nbs/00_core_mot.ipynb #1b96ea16
@@ -392,11 +395,11 @@ def _flex(q, k, v, plan: AttnPlan) -> Tensor:
         mask_mod = lambda b, h, q_idx, kv_idx: attn_allowed(qi.at(q_idx), ki.at(kv_idx))
         plan._memo[key] = _maybe_compiled(create_block_mask, q)(mask_mod, None, None, plan.n_q, plan.n_k, device=q.device)
     fn = _maybe_compiled(flex_attention, q)
-    qb, kb, vb = (rearrange(t, "n h d -> 1 h n d") for t in (q, k, v))
+    qb, kb, vb = _bhnd(q), _bhnd(k), _bhnd(v)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         o = fn(qb, kb, vb, block_mask=plan._memo[key], scale=q.shape[-1] ** -0.5, enable_gqa=q.shape[1] != k.shape[1])
-    return rearrange(o, "1 h n d -> n h d")
+    return _nhd(o)
 
 def _flash(q, k, v, plan: AttnPlan) -> Tensor:
     "flash-attn varlen; every sequence must be one causal or one full split, all of one kind."
@@ -456,12 +459,12 @@ def _group_layout(plan: AttnPlan, device, target: int) -> tuple:  # -> (q_idx [g
 def _grouped(q, k, v, plan: AttnPlan, target: int = GROUP_TOKENS) -> Tensor:
     "Sequences gathered into padded groups: one masked SDPA call over [groups, h, L, d], no loop, no compile."
     q_idx, k_idx, mask, inv = _group_layout(plan, q.device, target)
-    gather = lambda t, idx: rearrange(torch.cat([t, t.new_zeros(1, *t.shape[1:])])[idx], "g n h d -> g h n d")
+    gather = lambda t, idx: torch.cat([t, t.new_zeros(1, *t.shape[1:])])[idx].transpose(1, 2)   # [g, h, n, d]
     qg, kg, vg = gather(q, q_idx), gather(k, k_idx), gather(v, k_idx)
     rep = q.shape[1] // k.shape[1]
-    if rep > 1: kg, vg = (repeat(t, "g h n d -> g (h r) n d", r=rep) for t in (kg, vg))  # masked kernels take no GQA
+    if rep > 1: kg, vg = kg.repeat_interleave(rep, 1), vg.repeat_interleave(rep, 1)  # masked kernels take no GQA
     o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=q.shape[-1] ** -0.5)
-    return rearrange(o, "g h n d -> (g n) h d")[inv]
+    return o.transpose(1, 2).flatten(0, 1)[inv]                    # [(g n), h, d]
 
 # %% ../nbs/00_core_mot.ipynb #d6485a7b
 _BACKENDS = {"sdpa": _sdpa, "flex": _flex, "grouped": _grouped, "flash_attn": _flash}
@@ -511,35 +514,48 @@ class KVCache:
     def __repr__(self): return f"KVCache(num_layers={self.num_layers}, len={len(self)}, nbytes={self.nbytes})"
 
 # %% ../nbs/00_core_mot.ipynb #bbdd003b
+OVERLAY_FRACTION = 1 / 16  # Routing: the largest share of minority-expert rows for which the majority expert runs on all rows
+
 @dataclass(frozen=True)
 class Routing:
     "Token-to-expert assignment of one forward: und/gen index tensors and the inverse permutation."
     und_idx: Tensor | None = None  # [n_und] long; None when not mixed
     gen_idx: Tensor | None = None  # [n_gen] long
-    inv: Tensor | None = None  # [n] where each token sits in cat(und, gen)
+    inv: Tensor | None = None  # [n] where each token sits in cat(und, gen) (split mode)
     all_gen: bool = False
+    major: str | None = None  # overlay mode: 'und' or 'gen', the expert that runs on every row
 
     @classmethod
-    def from_mask(cls, is_gen: Tensor | None, device=None) -> Routing:
+    def from_mask(cls, is_gen: Tensor | None, device=None,
+                  overlay: float = OVERLAY_FRACTION) -> Routing:  # 0: always split (gather, concatenate, reorder)
         "From a bool [n] gen mask (None: all und); the index tensors go to `device` (default: the mask's)."
         # A mask on the host costs no device synchronisation: the counts and nonzero() below run on the CPU and only
         # the finished index tensors are copied. The model builds its masks there; a device mask still works (3 syncs).
         if is_gen is None: return cls()
-        n_gen = int(is_gen.sum())
+        n, n_gen = is_gen.numel(), int(is_gen.sum())
         if n_gen == 0: return cls()
-        if n_gen == is_gen.numel(): return cls(all_gen=True)
+        if n_gen == n: return cls(all_gen=True)
         und_idx, gen_idx = (~is_gen).nonzero().squeeze(1), is_gen.nonzero().squeeze(1)
+        dev = device or is_gen.device
+        if min(n_gen, n - n_gen) <= overlay * n:
+            return cls(und_idx.to(dev), gen_idx.to(dev), major="gen" if n_gen > n - n_gen else "und")
         inv = torch.cat([und_idx, gen_idx]).argsort()
-        return cls(*(t.to(device or is_gen.device) for t in (und_idx, gen_idx, inv)))
+        return cls(*(t.to(dev) for t in (und_idx, gen_idx, inv)))
 
     def __call__(self, x: Tensor, f_und: Callable, f_gen: Callable, detach_und: bool = False) -> Tensor:
         "Apply each expert's function to its tokens (rows of `x`), in token order."
         if self.all_gen: return f_gen(x)
-        if self.und_idx is None:
-            y = f_und(x)
-            return y.detach() if detach_und else y
-        yu, yg = f_und(x[self.und_idx]), f_gen(x[self.gen_idx])
-        return torch.cat([yu.detach() if detach_und else yu, yg])[self.inv]
+        und = (lambda t: f_und(t).detach()) if detach_und else f_und
+        if self.und_idx is None: return und(x)
+        if self.major is None:                          # split: each expert on its rows, then back in order
+            return torch.cat([und(x[self.und_idx]), f_gen(x[self.gen_idx])])[self.inv]
+        # overlay: the majority expert on every row (no gather of the many), the few others overwritten; the wasted
+        # rows cost at most `overlay` of one expert's work (e.g. 2 markers among 4096 latents of a 1024² image)
+        (f_all, idx, f_few) = (f_gen, self.und_idx, und) if self.major == "gen" else (und, self.gen_idx, f_gen)
+        y, rows = f_all(x), f_few(x[idx])
+        if torch.is_grad_enabled() or y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():  # x's memory: copy
+            return y.index_put((idx,), rows.to(y.dtype))
+        y[idx] = rows.to(y.dtype); return y
 
 @dataclass(frozen=True)
 class MoTStep:
@@ -577,7 +593,7 @@ class Qwen2MoTAttention(nn.Module):
     def _heads(self, proj: nn.Linear, norm: RMSNorm | None) -> Callable:
         "x [m, H] -> (normed) heads [m, heads, d]."
         def f(x):
-            t = rearrange(proj(x), "m (h d) -> m h d", d=self.head_dim)
+            t = proj(x).unflatten(-1, (-1, self.head_dim))               # [m, (h d)] -> [m, h, d]
             return t if norm is None else norm(t)
         return f
 
@@ -589,7 +605,7 @@ class Qwen2MoTAttention(nn.Module):
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)  # [n, h, d], [n, h_kv, d]
         k_all, v_all, merged = _merge_cache(k, v, step.plan, past)
         o = packed_attention(q, k_all, v_all, step.plan, step.backend)  # [n, h, d]
-        return r(rearrange(o, "n h d -> n (h d)"), self.o_proj, self.o_proj_moe_gen, fz), merged
+        return r(o.flatten(1), self.o_proj, self.o_proj_moe_gen, fz), merged
 
 # %% ../nbs/00_core_mot.ipynb #02607628
 class Qwen2MoTDecoderLayer(nn.Module):

@@ -216,6 +216,7 @@ def parallel_velocity(velocity: Callable,  # velocity(ctxs, xs, t) -> list of v,
                       group=None,          # process group; None: the default one (or no group: all local)
                      ) -> Callable:        # the same signature, over contexts some of which are REMOTE
     "Wrap a velocity function so each rank evaluates its own contexts and every rank gets all the answers."
+    checked = set()                        # ownership patterns already validated (one collective each, not one per step)
     def f(ctxs: list, xs: list, t) -> list:
         owned = [c is not REMOTE for c in ctxs]
         if all(owned) and not is_dist(): return velocity(ctxs, xs, t)
@@ -224,11 +225,13 @@ def parallel_velocity(velocity: Callable,  # velocity(ctxs, xs, t) -> list of v,
         local = [i for i, o in enumerate(owned) if o]
         vs = velocity([ctxs[i] for i in local], [xs[i] for i in local], t) if local else []
         dev = _comm_device(group)
-        count = torch.tensor(owned, dtype=torch.int32, device=dev)
-        dist.all_reduce(count, group=group)
-        if not bool((count == 1).all()):
-            raise ValueError(f"each context must be held by exactly one rank; holders per context: {count.tolist()}: "
-                             "give every rank the same branches, with REMOTE where another rank holds the contexts")
+        if tuple(owned) not in checked:    # every rank meets the same patterns at the same steps (same t, same branches)
+            count = torch.tensor(owned, dtype=torch.int32, device=dev)
+            dist.all_reduce(count, group=group)
+            if not bool((count == 1).all()):
+                raise ValueError(f"each context must be held by exactly one rank; holders per context: {count.tolist()}: "
+                                 "give every rank the same branches, with REMOTE where another rank holds the contexts")
+            checked.add(tuple(owned))
         buf = rank_buffer(vs, owned, [tuple(x.shape) for x in xs], dev)
         dist.all_reduce(buf, group=group)
         return list(buf.split([x.shape[0] for x in xs]))
@@ -247,7 +250,7 @@ def cfg_parallel_sample(velocity: Callable,  # the model's velocity function ove
         dev, src = _comm_device(group), src if group is None else dist.get_global_rank(group, src)
         moved = [x.to(dev).contiguous() for x in x1]
         for x in moved: dist.broadcast(x, src=src, group=group)
-        x1 = [m.to(x.device) for m, x in zip(moved, x1)]
+        x1 = moved                         # the states stay where the collectives run: no host round trip per step
     return sample(parallel_velocity(velocity, group), x1, branches, cfg, callback=callback, progress=progress)
 
 # %% ../nbs/44_multigpu.ipynb #7beb1cf0

@@ -7,6 +7,7 @@ timed after one warm-up run with the device synchronised. Workloads (the origina
   t2i512   the same at 512²                                                            floor 1.6 s
   edit1024 editing a 1024² image: text CFG 4, image CFG 2 on [0, 1], text_channel        floor 12.2 s
   und      understanding: prefill of a 980² image + question, then greedy decode        decode floor 4.5 ms/token
+           (two rows: the plain path and `fast=True`, static KV buffers replayed as a CUDA graph)
   train    one training step at the 7B width on a packed mixed batch (bench_train)       MFU
 
 Floors are those of the issue (arithmetic at 790 TFLOP/s and 3.35 TB/s). Each run appends one table to RESULTS.md.
@@ -43,15 +44,16 @@ def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50) -> lis
     secs, peak, _ = _timed(fn, sync)
     return [name, f"{size}x{size}", round(secs, 2), FLOORS[name], f"{100 * FLOORS[name] / secs:.0f}%", round(peak, 1)]
 
-def run_understanding(inf, sync, tokens: int, scale: int = 1) -> list:
+def run_understanding(inf, sync, tokens: int, scale: int = 1, fast: bool = False) -> list:
     from PIL import Image
+    inf.fast = fast                                   # decode through bagel.fastdecode.StaticDecoder (CUDA graph)
     img = Image.new("RGB", (980 // scale, 980 // scale), (90, 140, 200))
     q = "Describe this picture in detail."
     pre, _, _ = _timed(lambda: inf.understand(img, q, max_length=1), sync)
     full, peak, ans = _timed(lambda: inf.understand(img, q, max_length=tokens + 1), sync)
     n = max(1, len(ans[0].split()))                   # the bench tokenizer decodes one word per id
     per = (full - pre) / n
-    return ["und", f"980² + question, {n} tokens", round(pre, 3), f"{per * 1e3:.1f} ms/token ({1 / per:.0f} tokens/s)",
+    return ["und fast" if fast else "und", f"980² + question, {n} tokens", round(pre, 3), f"{per * 1e3:.1f} ms/token ({1 / per:.0f} tokens/s)",
             f"{100 * DECODE_FLOOR_S / per:.0f}%", round(peak, 1)]
 
 def main(argv=None):
@@ -78,8 +80,9 @@ def main(argv=None):
         else: inf = build()
         inf.tokenizer.decode = lambda ids, **kw: " ".join(str(i) for i in ids)   # ids only: one word per token
         for w in gen:
-            rows.append(run_understanding(inf, sync, a.tokens, scale) if w == "und" else run_generation(inf, w, sync, scale, steps))
-            print(rows[-1], flush=True)
+            for fast in ((False, True) if w == "und" else (None,)):
+                rows.append(run_understanding(inf, sync, a.tokens, scale, fast) if w == "und" else run_generation(inf, w, sync, scale, steps))
+                print(rows[-1], flush=True)
         del inf
         if torch.cuda.is_available(): torch.cuda.empty_cache()
     if rows:
@@ -87,7 +90,8 @@ def main(argv=None):
                ["workload", "shape", "seconds", "floor (s or ms/token)", "floor / time", "peak GiB"], rows,
                notes="Generation: 50 timesteps, timestep_shift 3, VAE (bf16, GPU) decode included; t2i: text CFG 4 on "
                      "[0.4, 1] (90 decoder passes); edit: text CFG 4, image CFG 2 on [0, 1], text_channel. und: the "
-                     "seconds are the prefill (ViT + context + first token); decode time per token after it."
+                     "seconds are the prefill (ViT + context + first token); decode time per token after it; `und fast`: decoding with "
+                     "static KV buffers replayed as a CUDA graph (`fast=True`, bagel.fastdecode), capture included."
                      + (" SMOKE RUN (--tiny, CPU): the floors do not apply." if a.tiny else ""),
                results=Path(a.results) if a.results else RESULTS)
     if "train" in a.workloads:
