@@ -348,9 +348,15 @@ class ShardedStream:
         self.epoch, self.unit, self.row, self._gen, self._last = index["epoch"], index["unit"], index["row"] + 1, None, index
 
 # %% ../nbs/22_data.ipynb #3863174b
+def _portable(u) -> str:
+    "A unit's name that does not depend on where the data lives: file names, not paths."
+    if isinstance(u, tuple): return ":".join(_portable(x) for x in u)
+    return Path(u).name if isinstance(u, (str, Path)) else str(u)
+
 def _make(self: ShardedStream, reader, label: str, raw, epoch: int, unit: int, row: int) -> Sample | None:
     "A Sample from a raw row, or None (malformed rows are counted and reported, or raised when strict)."
-    key = f"{self.group}:{label}:e{epoch}"
+    # the key seeds the sample's draws (caption, dropout, timesteps): the same data moved elsewhere trains the same
+    key = f"{self.group}:{reader.name}:{_portable(self.units[unit][1])}:r{row}:e{epoch}"
     try: items = reader.to_sample(raw, random.Random(f"{self.seed}/{key}"))
     except Exception as e:
         if self.strict: raise MalformedRow(f"malformed row ({label}): {e}") from e

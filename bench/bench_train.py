@@ -41,7 +41,8 @@ def mixed_batch(cfg, pairs: int, vit_px: int, latent_tokens: int, text_len: int,
           for _ in range(pairs)]
     return concat_packed(bs)
 
-def bench(size: str, layers: int, steps: int, pairs: int, attn: str, activation_checkpointing: bool) -> dict:
+def bench(size: str, layers: int, steps: int, pairs: int, attn: str, activation_checkpointing: bool,
+          profile: bool = False) -> dict:
     "Time `steps` optimizer steps after 2 warm-up steps; returns the figures of one table row."
     from bagel.distributed import get_world_size, init_distributed, make_mesh
     from bagel.model import BagelConfig
@@ -66,6 +67,12 @@ def bench(size: str, layers: int, steps: int, pairs: int, attn: str, activation_
     sync(); t0 = time.perf_counter()
     for _ in range(steps): rec = train_step(net, opt, sched, ema, [batch], cfg, gen)
     sync(); dt = (time.perf_counter() - t0) / steps
+    if profile:                                   # where one step's device time goes
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
+            train_step(net, opt, sched, ema, [batch], cfg, gen); sync()
+        print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25,
+                                     max_name_column_width=70), flush=True)
     # (a DTensor's numel is the global one, so the parameter count below is the whole model's on any number of ranks)
     toks, sq = batch.sequence_length, sum(n * n for n in batch.sample_lens)
     tflops = train_flops(net.config.llm, toks, sq) / dt / 1e12            # per rank
@@ -87,12 +94,13 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=6, help="VLM + T2I sample pairs per pack (7b: ~2.8k tokens each)")
     ap.add_argument("--attn", choices=["sdpa", "flex", "grouped"], default="flex" if torch.cuda.is_available() else "sdpa")
     ap.add_argument("--no-ac", action="store_true", help="turn activation checkpointing off")
+    ap.add_argument("--profile", action="store_true", help="print a profiler table of one step")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
     from bench.common import RESULTS, report
     rows = []
     for s in a.size:
-        r = bench(s, a.layers, a.steps, a.pairs, a.attn, not a.no_ac)
+        r = bench(s, a.layers, a.steps, a.pairs, a.attn, not a.no_ac, a.profile)
         rows.append([r["size"], r["layers"], r["world"], r["attn"], r["ac"], r["tokens"], r["samples"], f"{r['params']:,}",
                      round(r["step_s"], 3), round(r["tokens_per_s"], 1), round(r["tflops"], 2), f"{100 * r['mfu']:.1f}%",
                      round(r["peak_gib"], 1)])
