@@ -150,7 +150,7 @@ def linear_to_conv_patch_weight(w: torch.Tensor, # [Hv, P*P*c] linear patch weig
 def pack_vit_images(images: list,  # b tensors [c, H_i, W_i], sides multiples of `patch`
                     patch: int,    # P
                     side: int,     # G, position table side
-                   ) -> tuple:     # packed_pixel_values [n, c*P*P], packed_position_ids [n] long, cu_seqlens [b+1] int32
+                   ) -> tuple:     # packed_pixel_values [n, c*P*P], packed_position_ids [n] long, cu_seqlens [b+1] int32 (CPU)
     "Patchify and pack images into one flat sequence for `SiglipNaViT`."
     if isinstance(images, torch.Tensor) or not len(images):
         raise ValueError("pack_vit_images wants a non-empty list of [c, H, W] tensors")
@@ -159,7 +159,7 @@ def pack_vit_images(images: list,  # b tensors [c, H_i, W_i], sides multiples of
         pix.append(patchify(im, patch))
         pos.append(vit_position_ids(im.shape[-2] // patch, im.shape[-1] // patch, side, device=im.device))
         lens.append(len(pos[-1]))
-    cu = torch.tensor(lens, device=images[0].device).cumsum(0).to(torch.int32)
+    cu = torch.tensor(lens).cumsum(0).to(torch.int32)   # on the host: the encoder reads it there, with no device sync
     return torch.cat(pix), torch.cat(pos), cu
 
 # %% ../nbs/01_siglip_navit.ipynb #e4b3e602
