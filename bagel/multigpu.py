@@ -125,7 +125,7 @@ def _to(t, dev):
 def move_step(step: MoTStep, dev) -> MoTStep:
     "A copy of a layer step with its tensors (RoPE tables, routing indices) on `dev`."
     r = step.route
-    route = Routing(_to(r.und_idx, dev), _to(r.gen_idx, dev), _to(r.inv, dev), r.all_gen)
+    route = replace(r, und_idx=_to(r.und_idx, dev), gen_idx=_to(r.gen_idx, dev), inv=_to(r.inv, dev))  # mode kept
     return replace(step, cos=step.cos.to(dev), sin=step.sin.to(dev), route=route)
 
 def _pre_hook(dev):
