@@ -395,8 +395,12 @@ def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | 
     pred = target = None
     if batch.padded_latent is not None and len(batch.patchified_vae_latent_shapes):
         p = cfg.latent_patch_size
-        x0 = torch.cat([patchify_latent(z[:, :h * p, :w * p], p)
-                        for z, (h, w) in zip(batch.padded_latent, batch.patchified_vae_latent_shapes)]).to(dev).float()
+        shapes = batch.patchified_vae_latent_shapes
+        if len(set(shapes)) == 1:                 # one image size (e.g. ShapesWorld): one call, not one per image
+            (h, w), = set(shapes)
+            x0 = patchify_latent(batch.padded_latent[:, :, :h * p, :w * p], p).flatten(0, 1).to(dev).float()
+        else:
+            x0 = torch.cat([patchify_latent(z[:, :h * p, :w * p], p) for z, (h, w) in zip(batch.padded_latent, shapes)]).to(dev).float()
         eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else dev).to(dev)
         t = shift_timesteps(torch.sigmoid(batch.packed_timesteps.to(dev).float()), cfg.timestep_shift)
         x_t = (1 - t[:, None]) * x0 + t[:, None] * eps

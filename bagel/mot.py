@@ -315,6 +315,9 @@ def token_info(self: AttnPlan, device=None) -> tuple[TokenInfo, TokenInfo]:
     pos = kv[seq] + torch.arange(self.n_q) - cu_q[seq]
     mode = torch.tensor([ATTN_MODES.index(m) for m in self.attn_modes])[split]
     q = TokenInfo(seq, split, pos, mode > 0, mode == 2)
+    if not any(self.kv_lens):                 # no cached tokens (training): the keys are the queries
+        self._memo[key] = out = (q.to(device or "cpu"),) * 2
+        return out
     parts = []
     for i, (nk, a, b) in enumerate(zip(self.kv_lens, self.cu_q[:-1], self.cu_q[1:])):
         no = torch.zeros(nk, dtype=torch.bool)
