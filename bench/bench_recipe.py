@@ -33,6 +33,7 @@ def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
     from bagel.distributed import make_mesh
     from bagel.testing import init_random_
     from bagel.vae import AutoEncoder
+    from bench.common import sync_sites
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     tcfg, bcfg = cfg.train_config(), cfg.model_config()
@@ -52,7 +53,7 @@ def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
     for _ in range(steps): train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae, sync=False)  # as the loop runs
     sync(); dt = (time.perf_counter() - t1) / steps
     print(f"step: {dt:.4f} s/step over {steps} steps (no host sync between steps, as in training)", flush=True)
-    if cuda: print(f"  host syncs inside one step: {_sync_sites(lambda: train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae, sync=False))}")
+    if cuda: print(f"  host syncs inside one step: {sync_sites(lambda: train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae, sync=False))}")
     table = None
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
@@ -65,17 +66,6 @@ def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
                  + "\n" + ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     return dict(step_s=dt, warmup_s=warm, params=sum(p.numel() for p in net.parameters()), table=table,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
-
-def _sync_sites(fn) -> str:
-    "Run `fn` under CUDA's sync debug mode; the count of synchronising calls and where they come from."
-    import collections, warnings
-    torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as ws:
-            warnings.simplefilter("always"); fn()
-    finally: torch.cuda.set_sync_debug_mode(0)
-    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in ws if "synchroniz" in str(w.message))
-    return f"{sum(sites.values())} ({', '.join(f'{k} x{v}' for k, v in sites.most_common(8)) or 'none'})"
 
 COLUMNS = ["config", "model params", "tokens/pack", "samples/pack", "data workers", "data packs/s", "step s",
            "step packs/s", "bound by", "warm-up s", "peak GiB"]

@@ -42,6 +42,9 @@ def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50) -> lis
                                    cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel",
                                    generator=torch.Generator().manual_seed(0), progress=False)
     secs, peak, _ = _timed(fn, sync)
+    if torch.cuda.is_available() and name == "t2i512":   # where the host still waits (49 steps: look for x49)
+        from bench.common import sync_sites
+        print(f"  {name}: host syncs in one call: {sync_sites(fn)}", flush=True)
     return [name, f"{size}x{size}", round(secs, 2), FLOORS[name], f"{100 * FLOORS[name] / secs:.0f}%", round(peak, 1)]
 
 def run_understanding(inf, sync, tokens: int, scale: int = 1, fast: bool = False) -> list:

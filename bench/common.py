@@ -59,3 +59,15 @@ def report(title: str, columns: list, rows: list, notes: str = "", results: Path
     tmp.write_text(old + text)
     tmp.replace(results)
     return text
+
+def sync_sites(fn) -> str:
+    "Run `fn` under CUDA's sync debug mode; the count of synchronising calls and where they come from."
+    import collections, warnings
+    import torch
+    torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always"); fn()
+    finally: torch.cuda.set_sync_debug_mode(0)
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in ws if "synchroniz" in str(w.message))
+    return f"{sum(sites.values())} ({', '.join(f'{k} x{v}' for k, v in sites.most_common(8)) or 'none'})"
