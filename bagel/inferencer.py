@@ -51,7 +51,7 @@ class Inferencer:
     def __init__(self, bundle: BagelBundle,
                  vae_transform: ImageTransform | None = None,   # default: the app's 1024/512/16, capped by the model
                  vit_transform: ImageTransform | None = None,   # default: the app's 980/224/14, capped by the model
-                 fast: bool = False):                           # text decoding through bagel.fastdecode.StaticDecoder
+                 fast: bool = False):                           # bagel.fast: static buffers + CUDA graphs (decoding, denoising)
         self.bundle, self.model, self.vae, self.tokenizer = bundle, bundle.model, bundle.vae, bundle.tokenizer
         self.fast = fast
         self.config = cfg = bundle.config
@@ -123,7 +123,7 @@ def gen_text(self: Inferencer, ctxs: list,
     if do_sample and temperature <= 0: raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     tk, m = self.config.tokens, self.model
     if self.fast if fast is None else fast:
-        from bagel.fastdecode import StaticDecoder
+        from bagel.fast import StaticDecoder
         dec = StaticDecoder(m, ctxs, max_length)                    # every sequence steps; finished ones are ignored
         step = lambda idx: dec(tokens)[idx]
     else:
@@ -175,7 +175,8 @@ def generate_from(self: Inferencer, prompts: list, shapes: list,
                   sampling: SamplingConfig = SamplingConfig(),
                   noise: list | None = None, generator: torch.Generator | None = None,
                   callback=None, progress: bool = True,
-                  step_cache=None) -> list:  # a bagel.stepcache.StepCache: skip decoder calls (None: every call computed)
+                  step_cache=None,           # a bagel.stepcache.StepCache: skip decoder calls (None: every call computed)
+                  fast: bool | None = None) -> list:  # graph-replayed denoising passes (bagel.fast); None: self.fast
     "Sample one image per prepared Prompt (its three contexts) and decode them."
     shapes = [self._check_shape(s) for s in shapes]
     d, D = self.config.latent_downsample, self.config.patch_latent_dim
@@ -190,6 +191,9 @@ def generate_from(self: Inferencer, prompts: list, shapes: list,
     velocity = lambda ctxs, xs, t: self.model.velocity(ctxs, xs, t, [grids[i % B] for i in range(len(ctxs))])
     if step_cache is not None:
         velocity = step_cache.model_velocity(self.model, lambda ctxs: [grids[i % B] for i in range(len(ctxs))])
+    elif self.fast if fast is None else fast:
+        from bagel.fast import static_velocity
+        velocity = static_velocity(self.model, lambda ctxs: [grids[i % B] for i in range(len(ctxs))])
     # the states live on the model's device: no velocity goes back to the host between steps
     x0 = sample(velocity, [n.float().to(self.model.device) for n in noise], branches, sampling, callback=callback, progress=progress)
     return [self.decode_latents(x, s) for x, s in zip(x0, shapes)]
@@ -211,7 +215,8 @@ def gen_image(self: Inferencer,
               generator: torch.Generator | None = None,
               callback=None, progress: bool = True,
               return_think: bool = False,              # images (and think texts if asked)
-              step_cache=None) -> list:                # a bagel.stepcache.StepCache (None: off)
+              step_cache=None,                         # a bagel.stepcache.StepCache (None: off)
+              fast: bool | None = None) -> list:       # static buffers + CUDA graphs (bagel.fast); None: self.fast
     "Text-to-image (no `images`) or editing (with `images`) for a batch of prompts."
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -233,7 +238,7 @@ def gen_image(self: Inferencer,
     thoughts = [None] * len(ps)
     if think:
         thoughts = self.gen_text([p.cond for p in ps], max_length=max_think_tokens, do_sample=think_do_sample,
-                                 temperature=think_temperature, generator=generator)
+                                 temperature=think_temperature, generator=generator, fast=fast)
         self.model.extend_text([p.cond for p in ps], [self._text_ids(t, p.cond) for t, p in zip(thoughts, ps)])
     if images is not None and (image_shapes == (1024, 1024) or image_shapes is None):
         shapes = [p.image_shape for p in ps]           # editing: the output keeps the (resized) input's size
@@ -243,7 +248,7 @@ def gen_image(self: Inferencer,
         shapes = list(image_shapes)
         if len(shapes) != len(ps): raise ValueError(f"{len(shapes)} image_shapes for {len(ps)} prompts")
     out = self.generate_from(ps, shapes, cfg_text_scale, cfg_img_scale, sampling, noise, generator, callback, progress,
-                             step_cache=step_cache)
+                             step_cache=step_cache, fast=fast)
     return (out, thoughts) if return_think else out
 
 Inferencer.gen_image = gen_image

@@ -677,10 +677,12 @@ def forward(
     is_gen: Tensor | None = None,  # [n] bool, True -> gen expert; None -> all und
     caches: list[KVCache] | None = None,  # one per sequence of the plan, in order
     update_cache: bool = False,  # append each sequence's new keys/values to its cache
+    route: Routing | None = None,  # prepared routing on the device, instead of is_gen (e.g. for CUDA-graph capture)
 ) -> Tensor:  # [n, H] final hidden states (und: `norm`, gen: `norm_moe_gen`)
     "The MoT decoder over a packed batch; training and inference alike."
     _check_forward(self, inputs_embeds, position_ids, plan, is_gen, caches, update_cache)
-    route, fz = Routing.from_mask(is_gen, inputs_embeds.device), self.cfg.freeze_und
+    if route is None: route = Routing.from_mask(is_gen, inputs_embeds.device)
+    fz = self.cfg.freeze_und
     x = route(inputs_embeds, nn.Identity(), nn.Identity(), True) if fz else inputs_embeds  # und inputs detached
     cos, sin = self.rotary_emb(position_ids, x.dtype)
     step = MoTStep(cos, sin, plan, route, self.cfg.attn_backend, fz)

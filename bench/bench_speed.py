@@ -18,6 +18,7 @@ Floors are those of the issue (arithmetic at 790 TFLOP/s and 3.35 TB/s). Each ru
 import argparse, time
 
 import torch
+from torch import Tensor
 
 FLOORS = {"t2i1024": 6.9, "t2i512": 1.6, "edit1024": 12.2}   # seconds
 DECODE_FLOOR_S = 4.5e-3                                      # seconds per greedy token (und expert weights at 3.35 TB/s)
@@ -30,9 +31,19 @@ def _timed(fn, sync) -> tuple:  # -> (seconds, peak GiB, result)
     t0 = time.perf_counter(); out = fn(); sync()
     return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, out
 
-def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50) -> list:
+def final_latents(inf, size: int, steps: int, fast: bool) -> Tensor:
+    "The sampled latent tokens of one T2I call (the defaults of `t2i`, fixed noise), before the VAE."
+    from bench.bench_generate import PROMPT
+    last = {}
+    inf.gen_image(PROMPT, image_shapes=(size, size), num_timesteps=steps, cfg_text_scale=4.0, cfg_img_scale=1.0,
+                  cfg_interval=(0.4, 1.0), timestep_shift=3.0, generator=torch.Generator().manual_seed(0), progress=False,
+                  callback=lambda i, n, xs: last.__setitem__("x", xs[0].float().cpu()), fast=fast)
+    return last["x"]
+
+def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50, fast: bool = False) -> list:
     from PIL import Image
     from bench.bench_generate import t2i
+    inf.fast = fast                                   # denoising passes as CUDA graph replays (bagel.fast.static_velocity)
     size = (512 if name == "t2i512" else 1024) // scale
     if name.startswith("t2i"):
         fn = lambda: t2i(inf, size, steps)
@@ -42,14 +53,14 @@ def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50) -> lis
                                    cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel",
                                    generator=torch.Generator().manual_seed(0), progress=False)
     secs, peak, _ = _timed(fn, sync)
-    if torch.cuda.is_available() and name == "t2i512":   # where the host still waits (49 steps: look for x49)
+    if torch.cuda.is_available() and name == "t2i512" and not fast:   # where the host still waits (look for x49)
         from bench.common import sync_sites
         print(f"  {name}: host syncs in one call: {sync_sites(fn)}", flush=True)
-    return [name, f"{size}x{size}", round(secs, 2), FLOORS[name], f"{100 * FLOORS[name] / secs:.0f}%", round(peak, 1)]
+    return [name + (" fast" if fast else ""), f"{size}x{size}", round(secs, 2), FLOORS[name], f"{100 * FLOORS[name] / secs:.0f}%", round(peak, 1)]
 
 def run_understanding(inf, sync, tokens: int, scale: int = 1, fast: bool = False) -> list:
     from PIL import Image
-    inf.fast = fast                                   # decode through bagel.fastdecode.StaticDecoder (CUDA graph)
+    inf.fast = fast                                   # decode through bagel.fast.StaticDecoder (CUDA graph)
     img = Image.new("RGB", (980 // scale, 980 // scale), (90, 140, 200))
     q = "Describe this picture in detail."
     pre, _, _ = _timed(lambda: inf.understand(img, q, max_length=1), sync)
@@ -83,18 +94,25 @@ def main(argv=None):
         else: inf = build()
         inf.tokenizer.decode = lambda ids, **kw: " ".join(str(i) for i in ids)   # ids only: one word per token
         for w in gen:
-            for fast in ((False, True) if w == "und" else (None,)):
-                rows.append(run_understanding(inf, sync, a.tokens, scale, fast) if w == "und" else run_generation(inf, w, sync, scale, steps))
+            for fast in (False, True):
+                rows.append(run_understanding(inf, sync, a.tokens, scale, fast) if w == "und" else run_generation(inf, w, sync, scale, steps, fast))
                 print(rows[-1], flush=True)
+        if "t2i512" in gen:                           # the fast path's agreement with the plain one, same noise
+            size = 512 // scale
+            d = (final_latents(inf, size, steps, True) - final_latents(inf, size, steps, False)).abs()
+            diff = f"fast vs plain final latent ({size}², same noise): max |diff| {d.max():.3g}, mean {d.mean():.3g}"
+            print(diff, flush=True)
         del inf
         if torch.cuda.is_available(): torch.cuda.empty_cache()
     if rows:
-        report("speed suite (issue 10): full-size BAGEL-7B-MoT layout, random bf16 weights, plain path",
+        report("speed suite (issue 10): full-size BAGEL-7B-MoT layout, random bf16 weights, plain and fast paths",
                ["workload", "shape", "seconds", "floor (s or ms/token)", "floor / time", "peak GiB"], rows,
                notes="Generation: 50 timesteps, timestep_shift 3, VAE (bf16, GPU) decode included; t2i: text CFG 4 on "
                      "[0.4, 1] (90 decoder passes); edit: text CFG 4, image CFG 2 on [0, 1], text_channel. und: the "
                      "seconds are the prefill (ViT + context + first token); decode time per token after it; `und fast`: decoding with "
-                     "static KV buffers replayed as a CUDA graph (`fast=True`, bagel.fastdecode), capture included."
+                     "static KV buffers replayed as a CUDA graph; `... fast` generation rows: the denoising passes replayed as "
+                     "CUDA graphs (`fast=True`, bagel.fast); captures included."
+                     + (f" {diff}." if "t2i512" in gen else "")
                      + (" SMOKE RUN (--tiny, CPU): the floors do not apply." if a.tiny else ""),
                results=Path(a.results) if a.results else RESULTS)
     if "train" in a.workloads:
