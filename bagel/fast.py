@@ -12,7 +12,7 @@ from torch import Tensor
 from typing import Callable
 
 from .model import Bagel
-from .mot import AttnPlan, Routing, apply_rope
+from .mot import AttnPlan, Routing, apply_rope, to_device
 from .vae import latent_position_ids
 
 # %% auto #0
@@ -143,7 +143,7 @@ class StaticVelocity:
     def __call__(self, x_t: list, t) -> list:  # b noisy token sets [n_i, D]; t: scalar or [b] -> b velocities (fp32)
         "Predict the velocities (the values of `Bagel.velocity` for the same inputs)."
         if [x.shape[0] for x in x_t] != self.n: raise ValueError(f"token counts {[x.shape[0] for x in x_t]}, expected {self.n}")
-        self.x.copy_(torch.cat(x_t)); self.t.copy_(torch.as_tensor(t, dtype=torch.float32).expand(len(self.n)))
+        self.x.copy_(torch.cat(x_t)); self.t.copy_(to_device(torch.as_tensor(t, dtype=torch.float32).expand(len(self.n)).contiguous(), self.t.device))
         if not self.use_graph: out = self._step()
         else:
             if self.graph is None: self._capture()

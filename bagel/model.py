@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn, Tensor
 
-from .mot import AttnPlan, KVCache, LLMConfig, Qwen2MoTForCausalLM
+from .mot import AttnPlan, KVCache, LLMConfig, Qwen2MoTForCausalLM, to_device
 from .siglip import MLPConnector, SiglipNaViT, ViTConfig, pack_vit_images
 from .vae import VAEConfig, latent_position_ids, patchify_latent
 
@@ -272,7 +272,7 @@ def text_block(self: Bagel, ids: list) -> list:
 def _framed(self: Bagel, inner: Tensor, ctx: Context, inner_gen: bool) -> tuple:  # [N, H] -> ([N+2, H], pos, is_gen)
     "Put <|vision_start|> ... <|vision_end|> around image tokens; all at the context's RoPE position."
     tk, dev = self.config.tokens, self.device
-    marks = self.embed_text(torch.tensor([tk.start_of_image, tk.end_of_image], device=dev))
+    marks = self.embed_text(to_device(torch.tensor([tk.start_of_image, tk.end_of_image]), dev))
     x = torch.cat([marks[:1], inner.to(marks.dtype), marks[1:]])
     g = torch.zeros(x.shape[0], dtype=torch.bool); g[1:-1] = inner_gen           # host mask (no device sync)
     return x, _positions(ctx, x.shape[0], True, dev), g
@@ -308,7 +308,7 @@ def velocity(self: Bagel, ctxs: list,  # b contexts (never modified)
             ) -> list:                   # b velocities [h_i*w_i, p*p*C], fp32
     "Predict the flow velocity of noisy latents against each context (one packed forward, cache untouched)."
     dev, G = self.device, self.config.max_latent_size
-    t = torch.as_tensor(t, dtype=torch.float32, device=dev).expand(len(ctxs))
+    t = to_device(torch.as_tensor(t, dtype=torch.float32), dev).expand(len(ctxs))
     parts = []
     for x, ti, (h, w), c in zip(x_t, t, grids, ctxs):
         if x.shape[0] != h * w: raise ValueError(f"{x.shape[0]} noisy tokens for a {h}x{w} latent grid")
@@ -316,7 +316,7 @@ def velocity(self: Bagel, ctxs: list,  # b contexts (never modified)
         parts.append(self._framed(self.embed_latent(x.to(dev), ti.expand(h * w), ids), c, True))
     blk = _Block(*map(list, zip(*parts)), "full")
     out = self._run(ctxs, blk, update_cache=False)
-    v = self.llm2vae(out[torch.cat(blk.is_gen).nonzero().squeeze(1).to(dev)]).float()   # host mask -> indices
+    v = self.llm2vae(out[to_device(torch.cat(blk.is_gen).nonzero().squeeze(1), dev)]).float()   # host mask -> indices
     return list(v.split([h * w for h, w in grids]))
 
 # %% ../nbs/02_model.ipynb #07c8051f
@@ -347,10 +347,10 @@ class PackedBatch:
     batch_data_indexes: dict | None = None           # where the data readers stood (resume bookkeeping)
 
 @patch
-def to(self: PackedBatch, device, non_blocking: bool = False) -> PackedBatch:
-    "A copy with every tensor on `device` (the lists and ints are shared)."
+def to(self: PackedBatch, device) -> PackedBatch:
+    "A copy with every tensor on `device` (the lists and ints are shared); host-to-GPU copies do not block."
     from dataclasses import fields
-    moved = {f.name: v.to(device, non_blocking=non_blocking) for f in fields(self)
+    moved = {f.name: to_device(v, device) for f in fields(self)
              if isinstance(v := getattr(self, f.name), Tensor) and v.device != torch.device(device)}
     return replace(self, **moved) if moved else self
 
@@ -406,7 +406,7 @@ def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | 
         x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
         x[batch.packed_vae_token_indexes] = self.embed_latent(x_t, t, batch.packed_latent_position_ids)
         is_gen[host.packed_vae_token_indexes.cpu()] = True
-        noisy = torch.isfinite(host.packed_timesteps.cpu()).nonzero().squeeze(1).to(dev)   # clean images: t = -inf -> 0
+        noisy = to_device(torch.isfinite(host.packed_timesteps.cpu()).nonzero().squeeze(1), dev)   # clean: t = -inf -> 0
         target = (eps - x0)[noisy]
     plan = AttnPlan(q_lens=list(batch.sample_lens), kv_lens=[0] * len(batch.sample_lens),
                     split_lens=list(batch.split_lens), attn_modes=list(batch.attn_modes))

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['LAYER_MODULES', 'ATTN_BACKENDS', 'ATTN_MODES', 'GROUP_TOKENS', 'OVERLAY_FRACTION', 'LLMConfig', 'RMSNorm',
-           'RotaryEmbedding', 'rotate_half', 'apply_rope', 'MLP', 'TokenInfo', 'same_seq', 'causal', 'same_split',
-           'noise_hidden', 'attn_allowed', 'AttnPlan', 'packed_attention', 'KVCache', 'Routing', 'MoTStep',
-           'Qwen2MoTAttention', 'Qwen2MoTDecoderLayer', 'Qwen2MoTModel', 'Qwen2MoTForCausalLM', 'copy_und_to_gen_']
+           'RotaryEmbedding', 'rotate_half', 'apply_rope', 'MLP', 'to_device', 'TokenInfo', 'same_seq', 'causal',
+           'same_split', 'noise_hidden', 'attn_allowed', 'AttnPlan', 'packed_attention', 'KVCache', 'Routing',
+           'MoTStep', 'Qwen2MoTAttention', 'Qwen2MoTDecoderLayer', 'Qwen2MoTModel', 'Qwen2MoTForCausalLM',
+           'copy_und_to_gen_']
 
 # %% ../nbs/00_core_mot.ipynb #b885ccaf
 LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")  # known to BAGEL; only MoT is built here
@@ -185,6 +186,13 @@ class MLP(nn.Module):
 # %% ../nbs/00_core_mot.ipynb #85b86e6c
 ATTN_MODES = ("causal", "full", "noise")
 
+def to_device(t: Tensor, device) -> Tensor:
+    "`t` on `device`; a host tensor bound for a GPU is copied from pinned memory without blocking."
+    # A plain `.to('cuda')` of pageable memory synchronises the stream: the host stops running ahead of the GPU.
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu": return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
 class TokenInfo(NamedTuple):
     "Per-token descriptors that the mask predicates read; one tensor per field."
     seq: Tensor  # long: index of the token's sequence in the plan
@@ -194,7 +202,7 @@ class TokenInfo(NamedTuple):
     noise: Tensor  # bool: in a 'noise' split
 
     def at(self, idx) -> TokenInfo: return TokenInfo(*(f[idx] for f in self))
-    def to(self, device) -> TokenInfo: return TokenInfo(*(f.to(device) for f in self))
+    def to(self, device) -> TokenInfo: return TokenInfo(*(to_device(f, device) for f in self))
 
 def same_seq(q: TokenInfo, k: TokenInfo) -> Tensor: return q.seq == k.seq
 def causal(q: TokenInfo, k: TokenInfo) -> Tensor: return k.pos <= q.pos
@@ -449,7 +457,7 @@ def _group_layout(plan: AttnPlan, device, target: int) -> tuple:  # -> (q_idx [g
     for j, ((a, b), (c, d)) in enumerate(zip(sq, sk)):
         q_idx[j, :b - a], k_idx[j, :d - c] = torch.arange(a, b), torch.arange(c, d)
     inv = torch.cat([torch.arange(b - a) + j * Lq for j, (a, b) in enumerate(sq)])
-    q_idx, k_idx, inv = (t.to(device) for t in (q_idx, k_idx, inv))
+    q_idx, k_idx, inv = (to_device(t, device) for t in (q_idx, k_idx, inv))
     qi, ki = plan.token_info(device)
     q_ok, k_ok = q_idx < plan.n_q, k_idx < plan.n_k
     qg, kg = qi.at(q_idx.clamp(max=plan.n_q - 1)), ki.at(k_idx.clamp(max=plan.n_k - 1))
@@ -541,9 +549,9 @@ class Routing:
         und_idx, gen_idx = (~is_gen).nonzero().squeeze(1), is_gen.nonzero().squeeze(1)
         dev = device or is_gen.device
         if min(n_gen, n - n_gen) <= overlay * n:
-            return cls(und_idx.to(dev), gen_idx.to(dev), major="gen" if n_gen > n - n_gen else "und")
+            return cls(to_device(und_idx, dev), to_device(gen_idx, dev), major="gen" if n_gen > n - n_gen else "und")
         inv = torch.cat([und_idx, gen_idx]).argsort()
-        return cls(*(t.to(dev) for t in (und_idx, gen_idx, inv)))
+        return cls(*(to_device(t, dev) for t in (und_idx, gen_idx, inv)))
 
     def __call__(self, x: Tensor, f_und: Callable, f_gen: Callable, detach_und: bool = False) -> Tensor:
         "Apply each expert's function to its tokens (rows of `x`), in token order."
