@@ -355,6 +355,13 @@ def to(self: PackedBatch, device) -> PackedBatch:
     return replace(self, **moved) if moved else self
 
 @patch
+def pin_memory(self: PackedBatch) -> PackedBatch:
+    "A copy with every host tensor in pinned memory (a DataLoader with pin_memory=True calls this in its pin thread)."
+    from dataclasses import fields
+    pinned = {f.name: v.pin_memory() for f in fields(self) if isinstance(v := getattr(self, f.name), Tensor) and v.device.type == "cpu"}
+    return replace(self, **pinned) if pinned else self
+
+@patch
 @torch.no_grad()
 def encode_images(self: PackedBatch, vae, generator: torch.Generator | None = None, sample: bool = True) -> PackedBatch:
     "Fill `padded_latent` by VAE-encoding `padded_images` (sampled, as BAGEL trains); returns self."

@@ -106,7 +106,9 @@ def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_si
                                  max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
                                  pad_to_max=tcfg.attn_backend == "flex")   # one sequence length, one compiled kernel
     ds = PackedDataset(DataMix.from_yaml(mix), tokenizer, pack, rank=rank, world_size=world_size, data_seed=tcfg.data_seed)
-    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4) if cfg.num_workers else ds
+    # on a GPU the pin thread pins each pack, so the step's host-to-device copies neither copy nor block
+    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4,
+                      pin_memory=torch.cuda.is_available()) if cfg.num_workers else ds
 
 def train_bagel(cfg: RecipeConfig, base: Path, mix: Path, log=print):
     "Train the recipe's model from a seeded init on the packed mix; returns the TrainResult."
