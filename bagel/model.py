@@ -367,7 +367,7 @@ def encode_images(self: PackedBatch, vae, generator: torch.Generator | None = No
     "Fill `padded_latent` by VAE-encoding `padded_images` (sampled, as BAGEL trains); returns self."
     if self.padded_images is not None and len(self.padded_images):
         w = vae.encoder.conv_in.weight
-        self.padded_latent = vae.encode(self.padded_images.to(w.device, w.dtype), sample=sample, generator=generator)
+        self.padded_latent = vae.encode(to_device(self.padded_images, w.device).to(w.dtype), sample=sample, generator=generator)
     return self
 
 @dataclass

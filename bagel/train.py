@@ -173,7 +173,8 @@ def reduce_losses(out: TrainOutput, batch: PackedBatch, cfg: TrainConfig,
                   world_size: int = 1) -> Losses:
     "CE and MSE as global per-token means (times W, since FSDP averages gradients over ranks)."
     W, (n_ce, n_mse) = world_size, global_counts.tolist()
-    zero = lambda t: (t.sum() * 0.0).float() if t is not None else torch.zeros(())
+    ref = out.ce_logits if out.ce_logits is not None else out.velocity_pred        # a term that is absent is a zero
+    zero = lambda t: (t.sum() * 0.0).float() if t is not None else torch.zeros((), device=None if ref is None else ref.device)
     ce = zero(out.ce_logits)
     if out.ce_logits is not None and n_ce > 0:
         labels = batch.packed_label_ids.to(out.ce_logits.device)
