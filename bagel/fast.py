@@ -111,11 +111,12 @@ class StaticVelocity:
         # the packed query: per context <|vision_start|> latents <|vision_end|>, all at the context's RoPE position
         q_lens = [n + 2 for n in self.n]
         starts = torch.tensor([0] + q_lens[:-1]).cumsum(0)
-        self.lat_rows = torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts.tolist(), self.n)]).to(dev)
+        lat_rows = torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts.tolist(), self.n)])
+        self.lat_rows = lat_rows.to(dev)
         self.soi_rows, self.eoi_rows = starts.to(dev), (starts + torch.tensor(q_lens) - 1).to(dev)
         self.pos = torch.repeat_interleave(torch.tensor([c.rope for c in ctxs]), torch.tensor(q_lens)).to(dev)
         self.plan = AttnPlan.batch(q_lens, "full", [len(c) for c in ctxs])
-        is_gen = torch.zeros(sum(q_lens), dtype=torch.bool); is_gen[self.lat_rows.cpu()] = True
+        is_gen = torch.zeros(sum(q_lens), dtype=torch.bool); is_gen[lat_rows] = True
         self.route = Routing.from_mask(is_gen, dev)
         with torch.no_grad(): self.marks = model.embed_text(torch.tensor([tk.start_of_image, tk.end_of_image], device=dev))
         self.use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph

@@ -122,6 +122,8 @@ def gen_text(self: Inferencer, ctxs: list,
     if max_length < 1: raise ValueError(f"max_length must be >= 1, got {max_length}")
     if do_sample and temperature <= 0: raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     tk, m = self.config.tokens, self.model
+    out, done = [[] for _ in ctxs], [False] * len(ctxs)
+    tokens = [tk.bos_token_id] * len(ctxs)                          # the token each sequence feeds next
     if self.fast if fast is None else fast:
         from bagel.fast import StaticDecoder
         dec = StaticDecoder(m, ctxs, max_length)                    # every sequence steps; finished ones are ignored
@@ -129,8 +131,6 @@ def gen_text(self: Inferencer, ctxs: list,
     else:
         live = [c.fork() for c in ctxs]
         step = lambda idx: m.extend_text([live[i] for i in idx], [[tokens[i]] for i in idx], return_logits=True)
-    out, done = [[] for _ in ctxs], [False] * len(ctxs)
-    tokens = [tk.bos_token_id] * len(ctxs)
     for _ in range(max_length):
         idx = [i for i, d in enumerate(done) if not d]
         logits = step(idx).float()

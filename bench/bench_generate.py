@@ -37,10 +37,11 @@ def build(device="cuda", dtype=torch.bfloat16, cfg=None):
 
 PROMPT = "a photo of a bagel on a red plate, studio light"
 
-def t2i(inf, size: int, steps: int = 50) -> list:
+def t2i(inf, size: int, steps: int = 50, **kw) -> list:  # kw: more gen_image arguments (callback, fast, ...)
     "One text-to-image call with the original app's T2I defaults (text CFG 4 on [0.4, 1], shift 3, no image CFG)."
     return inf.gen_image(PROMPT, image_shapes=(size, size), num_timesteps=steps, cfg_text_scale=4.0, cfg_img_scale=1.0,
-                         cfg_interval=(0.4, 1.0), timestep_shift=3.0, generator=torch.Generator().manual_seed(0), progress=False)
+                         cfg_interval=(0.4, 1.0), timestep_shift=3.0, generator=torch.Generator().manual_seed(0), progress=False,
+                         **kw)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

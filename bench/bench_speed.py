@@ -33,12 +33,10 @@ def _timed(fn, sync) -> tuple:  # -> (seconds, peak GiB, result)
 
 def final_latents(inf, size: int, steps: int, fast: bool) -> Tensor:
     "The sampled latent tokens of one T2I call (the defaults of `t2i`, fixed noise), before the VAE."
-    from bench.bench_generate import PROMPT
+    from bench.bench_generate import t2i
     last = {}
-    inf.gen_image(PROMPT, image_shapes=(size, size), num_timesteps=steps, cfg_text_scale=4.0, cfg_img_scale=1.0,
-                  cfg_interval=(0.4, 1.0), timestep_shift=3.0, generator=torch.Generator().manual_seed(0), progress=False,
-                  callback=lambda i, n, xs: last.__setitem__("x", xs[0].float().cpu()), fast=fast)
-    return last["x"]
+    t2i(inf, size, steps, callback=lambda i, n, xs: last.__setitem__("x", xs[0]), fast=fast)
+    return last["x"].float().cpu()
 
 def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50, fast: bool = False) -> list:
     from PIL import Image

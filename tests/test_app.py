@@ -179,25 +179,19 @@ def test_browser_drives_every_tab(browser, served):
     wait(lambda d: not d.find_elements("css selector", "#t2i-image .progress-text, #t2i-image .eta-bar"), 60)
     shot(shots / "app_t2i.png")
 
-    tab("Image Edit")
-    wait(lambda d: css("#edit-prompt textarea").is_displayed())
-    css("#edit-input input[type=file]").send_keys(str(tmp / "photo.png"))
-    wait(lambda d: img_src("#edit-input"))
-    typed("#edit-prompt textarea", "make the square green")
-    typed("#edit-num_timesteps input[type=number]", "10")
-    click("#edit-run")
-    wait(lambda d: img_src("#edit-image"))
-    shot(shots / "app_edit.png")
-
-    tab("Image Understanding")
-    wait(lambda d: css("#und-prompt textarea").is_displayed())
-    css("#und-input input[type=file]").send_keys(str(tmp / "photo.png"))
-    wait(lambda d: img_src("#und-input"))
-    typed("#und-prompt textarea", "what colour is the square?")
-    typed("#und-max_tokens input[type=number]", "64")
-    click("#und-run")
-    wait(lambda d: css("#und-answer textarea").get_attribute("value"))
-    shot(shots / "app_und.png")
+    def with_photo(label, key, prompt, number, value, done):   # an image tab: upload, prompt, one number, run
+        tab(label)
+        wait(lambda d: css(f"#{key}-prompt textarea").is_displayed())
+        css(f"#{key}-input input[type=file]").send_keys(str(tmp / "photo.png"))
+        wait(lambda d: img_src(f"#{key}-input"))
+        typed(f"#{key}-prompt textarea", prompt)
+        typed(f"#{key}-{number} input[type=number]", value)
+        click(f"#{key}-run")
+        wait(done)
+        shot(shots / f"app_{key}.png")
+    with_photo("Image Edit", "edit", "make the square green", "num_timesteps", "10", lambda d: img_src("#edit-image"))
+    with_photo("Image Understanding", "und", "what colour is the square?", "max_tokens", "64",
+               lambda d: css("#und-answer textarea").get_attribute("value"))
 
     for name in ("app_t2i", "app_edit", "app_und"): assert (shots / f"{name}.png").stat().st_size > 1000
     if not DOCS_IMAGE.exists() or os.environ.get("BAGEL_UPDATE_DOCS_IMAGES"):   # made once for the docs, not per CI run
