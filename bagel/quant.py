@@ -18,9 +18,9 @@ from .model import Bagel, BagelConfig
 from .vae import AutoEncoder
 
 # %% auto #0
-__all__ = ['QUANT_MODES', 'DEFAULT_SKIP', 'ORIGINAL_SKIP', 'INT8_DTYPE_ANCHORS', 'GiB', 'quantizable', 'quantized_linear',
-           'linear_bytes', 'module_bytes', 'quantize_', 'load_quantized', 'InsufficientMemory', 'MemoryPlan',
-           'plan_memory']
+__all__ = ['QUANT_MODES', 'DEFAULT_SKIP', 'ORIGINAL_SKIP', 'INT8_DTYPE_ANCHORS', 'EMBEDDINGS', 'GiB', 'quantizable',
+           'quantized_linear', 'quantized_embedding', 'linear_bytes', 'module_bytes', 'quantize_', 'load_quantized',
+           'InsufficientMemory', 'MemoryPlan', 'plan_memory']
 
 # %% ../nbs/42_quantization.ipynb #3e2b9210
 QUANT_MODES = ("bf16", "nf4", "int8")
@@ -51,34 +51,69 @@ def quantizable(model: nn.Module, mode: str, skip: tuple = DEFAULT_SKIP) -> list
         out = [n for n in out if n not in anch]
     return out
 
+EMBEDDINGS = ("language_model.model.embed_tokens",)   # quantised with embeddings=True: 152k rows, 1 GiB in bf16
+
+def _targets(model: nn.Module, mode: str, skip: tuple, embeddings: bool) -> dict:  # -> {module name: "linear" | "embedding"}
+    out = dict.fromkeys(quantizable(model, mode, skip), "linear")
+    if embeddings and mode != "bf16": out |= dict.fromkeys(EMBEDDINGS, "embedding")
+    return out
+
 # %% ../nbs/42_quantization.ipynb #78d4e00a
 def quantized_linear(weight: torch.Tensor,       # [o, i]
                      bias: torch.Tensor | None,  # [o] or None
                      mode: str,                  # "nf4" | "int8"
                      compute_dtype: torch.dtype = torch.bfloat16,
                      device=None,                # default: the weight's device
+                     double_quant: bool = False, # NF4 only: quantise the block scales too (8-bit, blocks of 256)
                     ) -> nn.Module:
-    "A bitsandbytes Linear4bit (NF4, no double quant) or Linear8bitLt (threshold 6.0) holding `weight`."
+    "A bitsandbytes Linear4bit (NF4) or Linear8bitLt (threshold 6.0) holding `weight`."
     import bitsandbytes as bnb  # lazy: 7 s to import
     if mode not in ("nf4", "int8"): raise ValueError(f"quantized_linear quantises to 'nf4' or 'int8', got {mode!r}")
     o, i = weight.shape
     device = torch.device(device if device is not None else weight.device)
     w = weight.detach().to(compute_dtype)
     if mode == "nf4":
-        m = bnb.nn.Linear4bit(i, o, bias=bias is not None, compute_dtype=compute_dtype, compress_statistics=False,
+        m = bnb.nn.Linear4bit(i, o, bias=bias is not None, compute_dtype=compute_dtype, compress_statistics=double_quant,
                               quant_type="nf4", quant_storage=compute_dtype, device="meta")
-        m.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=False, quant_type="nf4", blocksize=64,
-                                     quant_storage=compute_dtype, module=m)._quantize(device)
+        m.weight = _nf4(w, m, device, double_quant)
     else:
         m = bnb.nn.Linear8bitLt(i, o, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta")
         m.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)._quantize(device)
     if bias is not None: m.bias = nn.Parameter(bias.detach().to(device, compute_dtype), requires_grad=False)
     return m
 
-def linear_bytes(o: int, i: int, mode: str, bias: bool = True) -> int:
-    "Bytes of one (quantised) linear layer: packed weight + its scales + the bf16 bias."
+def _nf4(w: torch.Tensor, module: nn.Module, device, double_quant: bool):
+    import bitsandbytes as bnb
+    return bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant, quant_type="nf4", blocksize=64,
+                             quant_storage=w.dtype, module=module)._quantize(device)
+
+def quantized_embedding(weight: torch.Tensor,        # [vocab, H]
+                        mode: str,                   # "nf4" | "int8"
+                        compute_dtype: torch.dtype = torch.bfloat16,
+                        device=None,
+                       ) -> nn.Module:
+    "A bitsandbytes Embedding4bit (NF4, rows read without dequantising the table) or Embedding8bit (one scale per row)."
+    import bitsandbytes as bnb
+    if mode not in ("nf4", "int8"): raise ValueError(f"quantized_embedding quantises to 'nf4' or 'int8', got {mode!r}")
+    n, h = weight.shape
+    if mode == "nf4" and h % 64:
+        raise ValueError(f"an NF4 embedding needs a width that is a multiple of 64 (one block per 64 values), got {h}")
+    device = torch.device(device if device is not None else weight.device)
+    w = weight.detach().to(compute_dtype)
+    if mode == "nf4":
+        m = bnb.nn.Embedding4bit(n, h, dtype=compute_dtype, quant_type="nf4", quant_storage=compute_dtype, device="meta")
+        m.weight = _nf4(w, m, device, False)   # the row lookup reads plain block scales
+    else:
+        m = bnb.nn.Embedding8bit(n, h, dtype=compute_dtype, device="meta")
+        m.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)._quantize(device)
+    return m
+
+def linear_bytes(o: int, i: int, mode: str, bias: bool = True, double_quant: bool = False) -> int:
+    "Bytes of one (quantised) linear layer or embedding table [o, i]: packed weight + its scales + the bf16 bias."
     _check_mode(mode)
-    w = {"bf16": 2 * o * i, "nf4": (o * i + 1) // 2 + 4 * math.ceil(o * i / 64), "int8": o * i + 4 * o}[mode]
+    blocks = math.ceil(o * i / 64)
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 if double_quant else 4 * blocks   # 8-bit scales + theirs
+    w = {"bf16": 2 * o * i, "nf4": (o * i + 1) // 2 + scales, "int8": o * i + 4 * o}[mode]
     return w + (2 * o if bias else 0)
 
 def module_bytes(model: nn.Module, buffers: bool = True) -> int:
@@ -88,7 +123,9 @@ def module_bytes(model: nn.Module, buffers: bool = True) -> int:
         if id(t) not in seen: seen.add(id(t)); total += t.numel() * t.element_size()
     for m in model.modules():
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
-        if qs is not None: total += qs.absmax.numel() * qs.absmax.element_size()   # NF4 block scales
+        if qs is not None:                                                          # NF4 block scales
+            total += qs.absmax.numel() * qs.absmax.element_size()
+            if qs.nested: total += sum(t.numel() * t.element_size() for t in (qs.state2.absmax, qs.state2.code, qs.offset))
         scb = getattr(getattr(m, "weight", None), "SCB", None)
         if scb is None: scb = getattr(getattr(m, "state", None), "SCB", None)      # moved there by the first forward
         if scb is not None: total += scb.numel() * scb.element_size()               # INT8 row scales
@@ -104,12 +141,14 @@ def quantize_(model: nn.Module,
               mode: str,                                  # "bf16" | "nf4" | "int8"
               skip: tuple = DEFAULT_SKIP,                 # module-name prefixes kept in bf16; ORIGINAL_SKIP = none
               compute_dtype: torch.dtype = torch.bfloat16,
+              double_quant: bool = False,                 # NF4: 8-bit block scales (-0.6 GiB at 7B)
+              embeddings: bool = False,                   # also the token table (EMBEDDINGS): -0.7 GiB in NF4 at 7B
              ) -> nn.Module:
-    "Quantise `model`'s linear layers in place (one at a time, freeing each bf16 weight) and return it."
-    names = quantizable(model, mode, skip)
-    for n in names:
-        lin = model.get_submodule(n)
-        _replace(model, n, quantized_linear(lin.weight, lin.bias, mode, compute_dtype))
+    "Quantise `model`'s linear layers (and, if asked, its token table) in place, one at a time, and return it."
+    for n, kind in _targets(model, mode, skip, embeddings).items():
+        m = model.get_submodule(n)
+        _replace(model, n, quantized_linear(m.weight, m.bias, mode, compute_dtype, double_quant=double_quant)
+                 if kind == "linear" else quantized_embedding(m.weight, mode, compute_dtype))
     for m in model.modules():      # the rest: bf16 (quantised weights are int8/packed and keep their dtype)
         for k, p in m._parameters.items():
             if p is not None and p.is_floating_point() and not _is_quantized(m):
@@ -120,20 +159,22 @@ def quantize_(model: nn.Module,
 def _is_quantized(m: nn.Module) -> bool: return type(m).__module__.startswith("bitsandbytes")
 
 # %% ../nbs/42_quantization.ipynb #eb80504f
-def _assign_quantized(model: Bagel, path: Path, mode: str, skip: tuple, dtype: torch.dtype, device):
-    "Strictly load `path` into a meta `model`, quantising the selected linear layers as they are read."
+def _assign_quantized(model: Bagel, path: Path, mode: str, skip: tuple, dtype: torch.dtype, device,
+                      double_quant: bool = False, embeddings: bool = False):
+    "Strictly load `path` into a meta `model`, quantising the selected modules as they are read."
     from safetensors import safe_open
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     header = check_header(path, want, OPTIONAL_KEYS, hint="check the JSON configs against the weights")
-    targets = set(quantizable(model, mode, skip))
+    targets = _targets(model, mode, skip, embeddings)
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for k in want:
             if k not in header: continue
             mod, _, leaf = k.rpartition(".")
             if mod in targets:
                 if leaf != "weight": continue                   # the bias travels with its weight
+                if targets[mod] == "embedding": _replace(model, mod, quantized_embedding(f.get_tensor(k), mode, dtype, device)); continue
                 b = f.get_tensor(mod + ".bias") if mod + ".bias" in header else None
-                _replace(model, mod, quantized_linear(f.get_tensor(k), b, mode, dtype, device))
+                _replace(model, mod, quantized_linear(f.get_tensor(k), b, mode, dtype, device, double_quant))
             else:
                 t = f.get_tensor(k)
                 _set_tensor(model, k, t.to(dtype) if t.is_floating_point() else t)
@@ -145,8 +186,10 @@ def load_quantized(model_dir: str | Path,
                    compute_dtype: torch.dtype = torch.bfloat16,
                    vae_dtype: torch.dtype = torch.float32,   # the VAE is never quantised
                    vae_device: str | torch.device | None = None,
+                   double_quant: bool = False,               # NF4: 8-bit block scales
+                   embeddings: bool = False,                 # also quantise the token table
                   ) -> BagelBundle:
-    "Load a BAGEL model dir with its linear layers quantised while they are read."
+    "Load a BAGEL model dir with its linear layers (and, if asked, its token table) quantised while they are read."
     _check_mode(mode)
     d = Path(model_dir)
     if mode == "bf16":
@@ -157,7 +200,7 @@ def load_quantized(model_dir: str | Path,
     tokenizer = load_tokenizer(d)
     cfg = config_from_dir(d, tokens=special_tokens(tokenizer))
     with torch.device("meta"): model, vae = Bagel(cfg), AutoEncoder(cfg.vae)
-    _assign_quantized(model, d / WEIGHTS, mode, tuple(skip), compute_dtype, torch.device(device))
+    _assign_quantized(model, d / WEIGHTS, mode, tuple(skip), compute_dtype, torch.device(device), double_quant, embeddings)
     _materialize(model, torch.device(device), compute_dtype)
     assign_from_file(vae, d / AE_WEIGHTS, vae_dtype, vae_device or device, hint="the VAE layout is read from its own shapes")
     model.quantization = mode
@@ -207,26 +250,28 @@ class MemoryPlan:
 # %% ../nbs/42_quantization.ipynb #19361f80
 _TABLES: dict = {}   # repr(config) -> module table: building the 7B model on meta takes a second
 
-def _module_table(cfg: BagelConfig) -> tuple:  # -> (rows (name, linear shape or None, has bias, other bytes), meta model)
-    "Per module of a meta-built model: its linear shape (if any) and the bytes of its other tensors in bf16."
+def _module_table(cfg: BagelConfig) -> tuple:  # -> (rows (name, weight shape or None, has bias, other bytes), meta model)
+    "Per module of a meta-built model: its linear or embedding weight shape (if any) and the bf16 bytes of the rest."
     key = repr(cfg)
     if key in _TABLES: return _TABLES[key]
     with torch.device("meta"): model = Bagel(cfg)
     rows = []
     for n, m in model.named_modules():
         own = [p for p in m._parameters.values() if p is not None]
-        lin = tuple(m.weight.shape) if isinstance(m, nn.Linear) else None
+        lin = tuple(m.weight.shape) if isinstance(m, (nn.Linear, nn.Embedding)) else None
         rest = sum(2 * p.numel() for p in own if lin is None or p is not m.weight and p is not m.bias)
         rows.append((n, lin, isinstance(m, nn.Linear) and m.bias is not None, rest))
     if len(_TABLES) > 4: _TABLES.clear()
     _TABLES[key] = rows, model
     return rows, model
 
-def _weight_parts(table: tuple, L: int, mode: str, skip: tuple) -> tuple:  # -> (per-layer bytes [L], {part: bytes})
+def _weight_parts(table: tuple, L: int, mode: str, skip: tuple, double_quant: bool = False,
+                  embeddings: bool = False) -> tuple:  # -> (per-layer bytes [L], {part: bytes})
     "Bytes of each decoder layer and of every other part, in `mode`."
     rows, model = table
-    q = set(quantizable(model, mode, skip))
-    size = {n: (linear_bytes(*lin, mode if n in q else "bf16", bias) if lin else 0) + rest for n, lin, bias, rest in rows}
+    q = _targets(model, mode, skip, embeddings)
+    size = {n: (linear_bytes(*lin, mode if n in q else "bf16", bias, double_quant and q.get(n) == "linear") if lin else 0)
+               + rest for n, lin, bias, rest in rows}
     layers = [sum(b for n, b in size.items() if _under(n, [f"language_model.model.layers.{i}"])) for i in range(L)]
     part = lambda pre: sum(b for n, b in size.items() if _under(n, [pre]))
     parts = {"decoder layers": sum(layers), "embed_tokens": part("language_model.model.embed_tokens"),
@@ -289,6 +334,8 @@ def plan_memory(source,                          # a BagelConfig or a model dir 
                 prompt_tokens: int = 256,        # text tokens of the longest context
                 edit: bool = False,              # contexts also hold the input image (VAE + ViT tokens)
                 skip: tuple = DEFAULT_SKIP,
+                double_quant: bool = False,      # NF4 block scales in 8 bits (quantize_'s switch)
+                embeddings: bool = False,        # the token table quantised too (quantize_'s switch)
                 vae_on_gpu: bool = True,         # False: the app's CPU VAE
                 reserve: float = 0.05,           # fraction of each device kept free (allocator, CUDA context)
                ) -> MemoryPlan:
@@ -307,15 +354,17 @@ def plan_memory(source,                          # a BagelConfig or a model dir 
         raise ValueError(f"image_size must be a multiple of {cfg.latent_downsample} in (0, {cfg.max_image_size}], got {image_size}")
     free = _free_memory(devices)
     kw = dict(cfg=cfg, table=_module_table(cfg), mode=mode, free=free, image_size=image_size, batch=batch, branches=cfg_branches,
-              prompt_tokens=prompt_tokens, edit=edit, skip=tuple(skip), vae_on_gpu=vae_on_gpu, reserve=reserve)
+              prompt_tokens=prompt_tokens, edit=edit, skip=tuple(skip), double_quant=double_quant, embeddings=embeddings,
+              vae_on_gpu=vae_on_gpu, reserve=reserve)
     plan = _plan(**kw)
     plan.message = (f"{plan.total_bytes / GiB:.1f} GiB on {len(free)} device(s) with {sum(free.values()) / GiB:.1f} GiB "
                     "free" if plan.fits else _advice(plan, kw))
     return plan
 
-def _plan(cfg, table, mode, free, image_size, batch, branches, prompt_tokens, edit, skip, vae_on_gpu, reserve) -> MemoryPlan:
+def _plan(cfg, table, mode, free, image_size, batch, branches, prompt_tokens, edit, skip, double_quant, embeddings,
+          vae_on_gpu, reserve) -> MemoryPlan:
     "The plan without its message."
-    layers, parts = _weight_parts(table, cfg.llm.num_hidden_layers, mode, skip)
+    layers, parts = _weight_parts(table, cfg.llm.num_hidden_layers, mode, skip, double_quant, embeddings)
     kv, act, vae = _runtime_bytes(cfg, image_size, batch, branches, prompt_tokens, edit, vae_on_gpu)
     L = len(layers)
     unit = [b + kv // L for b in layers]                                    # a layer carries its KV cache

@@ -7,6 +7,7 @@ each listed mode (bagel.quant: bf16, nf4, int8; needs bitsandbytes) on a freshly
 
     python -m bench.bench_generate --sizes 512 1024 --steps 50
     python -m bench.bench_generate --sizes 1024 --quant bf16 nf4 int8
+    python -m bench.bench_generate --sizes 1024 --quant nf4 --skip original --double-quant --embeddings  # smallest
 """
 import argparse, time
 
@@ -48,7 +49,11 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--quant", nargs="+", choices=["bf16", "nf4", "int8"], default=None,
-                    help="quantisation modes to measure (bagel.quant.quantize_, default skip list); default: plain bf16")
+                    help="quantisation modes to measure (bagel.quant.quantize_); default: plain bf16")
+    ap.add_argument("--skip", choices=["default", "original"], default="default",
+                    help="modules kept in bf16: bagel.quant.DEFAULT_SKIP, or none as in the original app (ORIGINAL_SKIP)")
+    ap.add_argument("--double-quant", action="store_true", help="NF4 block scales in 8 bits (quantize_(double_quant=True))")
+    ap.add_argument("--embeddings", action="store_true", help="quantise the token table too (quantize_(embeddings=True))")
     a = ap.parse_args()
     if a.quant: return main_quant(a)
     from bench.common import report, sync
@@ -67,24 +72,33 @@ def main_quant(a):
     "One table: seconds per image, resident weights and peak memory per quantisation mode and size."
     import gc
     from bench.common import report, sync
-    from bagel.quant import quantize_, module_bytes
-    rows = []
+    from bagel.quant import quantize_, module_bytes, DEFAULT_SKIP, ORIGINAL_SKIP
+    skip = DEFAULT_SKIP if a.skip == "default" else ORIGINAL_SKIP
+    GiB, rows = 2**30, []
     for mode in a.quant:
         inf = build()
-        quantize_(inf.model, mode)
+        quantize_(inf.model, mode, skip=skip, double_quant=a.double_quant, embeddings=a.embeddings)
         gc.collect(); torch.cuda.empty_cache()
-        weights = module_bytes(inf.model) / 2**30
+        weights = module_bytes(inf.model) / GiB
+        peaks = {}
+        decode = inf.decode_latents
+        def split(x, shape):  # the peak of the denoising loop, then that of the VAE decode
+            peaks["denoise"] = torch.cuda.max_memory_allocated(); torch.cuda.reset_peak_memory_stats()
+            out = decode(x, shape); peaks["decode"] = torch.cuda.max_memory_allocated(); return out
+        inf.decode_latents = split
         for size in a.sizes:
             run = lambda: t2i(inf, size, a.steps)
             run(); sync(); torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter(); run(); sync(); secs = time.perf_counter() - t0
-            rows.append([mode, f"{size}x{size}", a.steps, round(secs, 2), round(weights, 1),
-                         round(torch.cuda.max_memory_allocated() / 2**30, 1)])
-        del inf, run; gc.collect(); torch.cuda.empty_cache()
-    report("text-to-image per quantisation mode, BAGEL-7B-MoT layout, random weights (bagel.quant default skip list)",
-           ["mode", "size", "timesteps", "s / image", "weights GiB", "peak GiB"], rows,
-           notes="cfg_text_scale 4 on [0.4, 1], timestep_shift 3, cfg_img_scale 1; VAE (bf16, GPU) decode included; "
-                 "compare with bagel.quant.plan_memory.")
+            rows.append([mode, f"{size}x{size}", a.steps, round(secs, 2), round(weights, 2), round(peaks["denoise"] / GiB, 2),
+                         round(peaks["decode"] / GiB, 2), round(max(peaks.values()) / GiB, 2)])
+        del inf, run, split, decode; gc.collect(); torch.cuda.empty_cache()
+    extra = "".join(f", {k}" for k, v in (("double_quant", a.double_quant), ("embeddings", a.embeddings)) if v)
+    report("text-to-image per quantisation mode, BAGEL-7B-MoT layout, random weights "
+           f"(bagel.quant {a.skip} skip list{extra})",
+           ["mode", "size", "timesteps", "s / image", "weights GiB", "peak denoising GiB", "peak VAE decode GiB", "peak GiB"],
+           rows, notes="cfg_text_scale 4 on [0.4, 1], timestep_shift 3, cfg_img_scale 1; VAE (bf16, GPU) decode included; "
+                       "compare with bagel.quant.plan_memory.")
 
 if __name__ == "__main__":
     main()
