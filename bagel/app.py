@@ -385,7 +385,7 @@ def load_inferencer(model_dir: str | Path, mode: int = 1, device: str = "cpu") -
     except ImportError as e:
         raise RuntimeError(f"--mode {mode} ({MODES[mode].upper()}) needs bagel.quant.load_quantized (the quantization "
                            f"notebook) and bitsandbytes: {e}; use --mode 1") from e
-    return Inferencer(load_quantized(model_dir, MODES[mode], device=device))
+    return Inferencer(load_quantized(model_dir, MODES[mode], device=device), low_memory_decode=True)  # small cards: lean VAE decode
 
 # %% ../nbs/70_app.ipynb #62f102e2
 def launch_app(model_dir: str | Path | None = None, mode: int = 1, zh: bool = False,

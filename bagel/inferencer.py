@@ -15,7 +15,7 @@ from .model import Bagel, Context
 from .sampling import Branch, SamplingConfig, sample
 from .transforms import ImageTransform, VAE_TRANSFORM, VIT_TRANSFORM, pil_to_tensor, to_rgb
 from torch import Tensor
-from .vae import to_pil, to_uint8, unpatchify_latent
+from .vae import STRIP_PIXELS, to_pil, to_uint8, unpatchify_latent
 
 # %% auto #0
 __all__ = ['VLM_THINK_SYSTEM_PROMPT', 'GEN_THINK_SYSTEM_PROMPT', 'default_transforms', 'Prompt', 'Inferencer', 'add_text',
@@ -51,9 +51,10 @@ class Inferencer:
     def __init__(self, bundle: BagelBundle,
                  vae_transform: ImageTransform | None = None,   # default: the app's 1024/512/16, capped by the model
                  vit_transform: ImageTransform | None = None,   # default: the app's 980/224/14, capped by the model
-                 fast: bool = False):                           # bagel.fast: static buffers + CUDA graphs (decoding, denoising)
+                 fast: bool = False,                            # bagel.fast: static buffers + CUDA graphs (decoding, denoising)
+                 low_memory_decode: bool = False):              # VAE decode in strips (bagel.vae.decode_in_strips)
         self.bundle, self.model, self.vae, self.tokenizer = bundle, bundle.model, bundle.vae, bundle.tokenizer
-        self.fast = fast
+        self.fast, self.low_memory_decode = fast, low_memory_decode
         self.config = cfg = bundle.config
         self.vae_transform = vae_transform or default_transforms(cfg)[0]
         self.vit_transform = vit_transform or default_transforms(cfg)[1]
@@ -167,7 +168,8 @@ def decode_latents(self: Inferencer, x: Tensor, shape: tuple) -> Image.Image:  #
     d, p, C = self.config.latent_downsample, self.config.latent_patch_size, self.config.vae.z_channels
     z = unpatchify_latent(x.float(), shape[0] // d, shape[1] // d, p, C)[None]
     w = self.vae.encoder.conv_in.weight
-    return to_pil(to_uint8(self.vae.decode(z.to(w.device, w.dtype))[0].float().cpu()))
+    strips = STRIP_PIXELS if self.low_memory_decode else None
+    return to_pil(to_uint8(self.vae.decode(z.to(w.device, w.dtype), strip_pixels=strips)[0].float().cpu()))
 
 @torch.no_grad()
 def generate_from(self: Inferencer, prompts: list, shapes: list,

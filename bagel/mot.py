@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core_mot.ipynb #d629cbf0
 from __future__ import annotations
-import json, math, operator, warnings
+import contextlib, json, math, operator, warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -17,8 +17,8 @@ from torch import Tensor, nn
 # %% auto #0
 __all__ = ['LAYER_MODULES', 'ATTN_BACKENDS', 'ATTN_MODES', 'GROUP_TOKENS', 'OVERLAY_FRACTION', 'LLMConfig', 'RMSNorm',
            'RotaryEmbedding', 'rotate_half', 'apply_rope', 'MLP', 'to_device', 'TokenInfo', 'same_seq', 'causal',
-           'same_split', 'noise_hidden', 'attn_allowed', 'AttnPlan', 'packed_attention', 'KVCache', 'Routing',
-           'MoTStep', 'Qwen2MoTAttention', 'Qwen2MoTDecoderLayer', 'Qwen2MoTModel', 'Qwen2MoTForCausalLM',
+           'same_split', 'noise_hidden', 'attn_allowed', 'AttnPlan', 'take_rows', 'packed_attention', 'KVCache',
+           'Routing', 'MoTStep', 'Qwen2MoTAttention', 'Qwen2MoTDecoderLayer', 'Qwen2MoTModel', 'Qwen2MoTForCausalLM',
            'copy_und_to_gen_']
 
 # %% ../nbs/00_core_mot.ipynb #b885ccaf
@@ -445,8 +445,35 @@ def groups(self: AttnPlan, target: int = GROUP_TOKENS) -> tuple:
 
 def _round_up(n: int, m: int = 16) -> int: return -(-n // m) * m
 
-def _group_layout(plan: AttnPlan, device, target: int) -> tuple:  # -> (q_idx [g, Lq], k_idx [g, Lk], mask [g, 1, Lq, Lk], inv [n_q])
-    "Where each packed token sits in the padded [groups, length] layout, and the groups' masks (memoised)."
+def _rows(x: Tensor, idx: Tensor, ok: Tensor | None = None) -> Tensor:  # x[idx] along dim 0; rows where ok is False are 0
+    y = x.index_select(0, idx)
+    return y if ok is None else y * ok.view(-1, *(1,) * (y.ndim - 1)).to(y.dtype)
+
+class _TakeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, ok, back, back_ok):
+        ctx.save_for_backward(back, back_ok)
+        return _rows(x, idx, ok)
+
+    @staticmethod
+    def backward(ctx, g):
+        back, back_ok = ctx.saved_tensors
+        return _rows(g, back, back_ok), None, None, None, None
+
+def take_rows(x: Tensor,                      # [n, ...]
+              idx: Tensor,                    # [m] long: the row of x each output row reads
+              ok: Tensor | None = None,       # [m] bool: False rows read zeros (padding)
+              back: Tensor | None = None,     # [n] long: the output row that holds each row of x (its inverse)
+              back_ok: Tensor | None = None,  # [n] bool: False where a row of x is not read (its gradient is 0)
+             ) -> Tensor:                     # [m, ...]
+    "Rows of `x`, as `x[idx]`, whose backward is the gather `grad[back]` when `back` is given."
+    # The backward of x[idx] adds gradients into rows that may repeat: on a GPU that sorts the indices, the largest
+    # cost of a training step over many short samples. Every row here is read at most once, so the inverse gather is exact.
+    if back is None or not (torch.is_grad_enabled() and x.requires_grad): return _rows(x, idx, ok)
+    return _TakeRows.apply(x, idx, ok, back, back_ok)
+
+def _group_layout(plan: AttnPlan, device, target: int) -> tuple:  # -> (q_idx [g, Lq], k_idx [g, Lk], mask [g, 1, Lq, Lk], inv [n_q], k_inv [n_k])
+    "Where each packed token sits in the padded [groups, length] layout (and back), and the groups' masks (memoised)."
     key = ("grouped", str(device), target)
     if key in plan._memo: return plan._memo[key]
     gs = plan.groups(target)
@@ -457,25 +484,36 @@ def _group_layout(plan: AttnPlan, device, target: int) -> tuple:  # -> (q_idx [g
     for j, ((a, b), (c, d)) in enumerate(zip(sq, sk)):
         q_idx[j, :b - a], k_idx[j, :d - c] = torch.arange(a, b), torch.arange(c, d)
     inv = torch.cat([torch.arange(b - a) + j * Lq for j, (a, b) in enumerate(sq)])
-    q_idx, k_idx, inv = (to_device(t, device) for t in (q_idx, k_idx, inv))
+    k_inv = torch.cat([torch.arange(d - c) + j * Lk for j, (c, d) in enumerate(sk)])
+    q_idx, k_idx, inv, k_inv = (to_device(t, device) for t in (q_idx, k_idx, inv, k_inv))
     qi, ki = plan.token_info(device)
     q_ok, k_ok = q_idx < plan.n_q, k_idx < plan.n_k
     qg, kg = qi.at(q_idx.clamp(max=plan.n_q - 1)), ki.at(k_idx.clamp(max=plan.n_k - 1))
     allowed = attn_allowed(qg.at((slice(None), slice(None), None)), kg.at((slice(None), None, slice(None))))
     # pad keys are hidden; pad query rows see every key, so that no row is all -inf (NaN in the backward)
     mask = (allowed & k_ok[:, None, :]) | ~q_ok[:, :, None]
-    plan._memo[key] = out = (q_idx, k_idx, mask[:, None], inv)
+    plan._memo[key] = out = (q_idx, k_idx, mask[:, None], inv, k_inv)
     return out
 
 def _grouped(q, k, v, plan: AttnPlan, target: int = GROUP_TOKENS) -> Tensor:
     "Sequences gathered into padded groups: one masked SDPA call over [groups, h, L, d], no loop, no compile."
-    q_idx, k_idx, mask, inv = _group_layout(plan, q.device, target)
-    gather = lambda t, idx: torch.cat([t, t.new_zeros(1, *t.shape[1:])])[idx].transpose(1, 2)   # [g, h, n, d]
-    qg, kg, vg = gather(q, q_idx), gather(k, k_idx), gather(v, k_idx)
+    q_idx, k_idx, mask, inv, k_inv = _group_layout(plan, q.device, target)
+    def gather(t, idx, n, back):  # [n, h, d] -> [g, h, L, d]; pad slots (idx == n) read zeros
+        ok = (idx < n).flatten()
+        return take_rows(t, idx.flatten().clamp(max=n - 1), ok, back).unflatten(0, idx.shape).transpose(1, 2)
+    qg, kg, vg = gather(q, q_idx, plan.n_q, inv), gather(k, k_idx, plan.n_k, k_inv), gather(v, k_idx, plan.n_k, k_inv)
     rep = q.shape[1] // k.shape[1]
     if rep > 1: kg, vg = kg.repeat_interleave(rep, 1), vg.repeat_interleave(rep, 1)  # masked kernels take no GQA
-    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=q.shape[-1] ** -0.5)
-    return o.transpose(1, 2).flatten(0, 1)[inv]                    # [(g n), h, d]
+    with _masked_kernels(q):
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=q.shape[-1] ** -0.5)
+    q_ok = (q_idx < plan.n_q).flatten()
+    return take_rows(o.transpose(1, 2).flatten(0, 1), inv, None, q_idx.flatten().clamp(max=plan.n_q - 1), q_ok)  # [n_q, h, d]
+
+def _masked_kernels(q: Tensor):
+    "On a GPU, SDPA with a mask picks the memory-efficient kernel: cuDNN's plans cost ms of host time per new shape."
+    if q.device.type != "cuda": return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 # %% ../nbs/00_core_mot.ipynb #d6485a7b
 _BACKENDS = {"sdpa": _sdpa, "flex": _flex, "grouped": _grouped, "flash_attn": _flash}
@@ -535,6 +573,7 @@ class Routing:
     inv: Tensor | None = None  # [n] where each token sits in cat(und, gen) (split mode)
     all_gen: bool = False
     major: str | None = None  # overlay mode: 'und' or 'gen', the expert that runs on every row
+    back: tuple | None = None  # split mode under autograd: (und_back, und_ok, gen_back, gen_ok, order) for take_rows
 
     @classmethod
     def from_mask(cls, is_gen: Tensor | None, device=None,
@@ -550,8 +589,13 @@ class Routing:
         dev = device or is_gen.device
         if min(n_gen, n - n_gen) <= overlay * n:
             return cls(to_device(und_idx, dev), to_device(gen_idx, dev), major="gen" if n_gen > n - n_gen else "und")
-        inv = torch.cat([und_idx, gen_idx]).argsort()
-        return cls(*(to_device(t, dev) for t in (und_idx, gen_idx, inv)))
+        order = torch.cat([und_idx, gen_idx])
+        inv = order.argsort()
+        back = None
+        if torch.is_grad_enabled():  # the inverse gathers of the three reorderings (take_rows), built here on the host
+            n_und = n - n_gen
+            back = tuple(to_device(t, dev) for t in (inv.clamp(max=n_und - 1), ~is_gen, (inv - n_und).clamp(min=0), is_gen, order))
+        return cls(*(to_device(t, dev) for t in (und_idx, gen_idx, inv)), back=back)
 
     def __call__(self, x: Tensor, f_und: Callable, f_gen: Callable, detach_und: bool = False) -> Tensor:
         "Apply each expert's function to its tokens (rows of `x`), in token order."
@@ -559,7 +603,10 @@ class Routing:
         und = (lambda t: f_und(t).detach()) if detach_und else f_und
         if self.und_idx is None: return und(x)
         if self.major is None:                          # split: each expert on its rows, then back in order
-            return torch.cat([und(x[self.und_idx]), f_gen(x[self.gen_idx])])[self.inv]
+            if self.back is None: return torch.cat([und(x[self.und_idx]), f_gen(x[self.gen_idx])])[self.inv]
+            ub, u_ok, gb, g_ok, order = self.back
+            y = torch.cat([und(take_rows(x, self.und_idx, None, ub, u_ok)), f_gen(take_rows(x, self.gen_idx, None, gb, g_ok))])
+            return take_rows(y, self.inv, None, order)
         # overlay: the majority expert on every row (no gather of the many), the few others overwritten; the wasted
         # rows cost at most `overlay` of one expert's work (e.g. 2 markers among 4096 latents of a 1024² image)
         (f_all, idx, f_few) = (f_gen, self.und_idx, und) if self.major == "gen" else (und, self.gen_idx, f_gen)

@@ -125,7 +125,8 @@ def _to(t, dev):
 def move_step(step: MoTStep, dev) -> MoTStep:
     "A copy of a layer step with its tensors (RoPE tables, routing indices) on `dev`."
     r = step.route
-    route = replace(r, und_idx=_to(r.und_idx, dev), gen_idx=_to(r.gen_idx, dev), inv=_to(r.inv, dev))  # mode kept
+    back = None if r.back is None else tuple(_to(t, dev) for t in r.back)
+    route = replace(r, und_idx=_to(r.und_idx, dev), gen_idx=_to(r.gen_idx, dev), inv=_to(r.inv, dev), back=back)  # mode kept
     return replace(step, cos=step.cos.to(dev), sin=step.sin.to(dev), route=route)
 
 def _pre_hook(dev):

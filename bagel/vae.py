@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['VAEConfig', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'Level', 'Mid', 'Encoder', 'Decoder', 'AutoEncoder',
-           'patchify_latent', 'unpatchify_latent', 'latent_position_ids', 'to_uint8', 'to_pil']
+__all__ = ['STRIP_PIXELS', 'VAEConfig', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'Level', 'Mid', 'Encoder',
+           'Decoder', 'AutoEncoder', 'decode_in_strips', 'patchify_latent', 'unpatchify_latent', 'latent_position_ids',
+           'to_uint8', 'to_pil']
 
 # %% ../nbs/10_vae.ipynb #41560eee
 @dataclass
@@ -238,16 +240,87 @@ def _encode(self: AutoEncoder, x: Tensor, # image [b, in_channels, H, W] in [-1,
         z = mean + torch.exp(0.5 * logvar) * eps
     return self.to_model_latent(z)
 
-def _decode(self: AutoEncoder, z: Tensor # model latent [b, C, h, w]
+def _decode(self: AutoEncoder, z: Tensor, # model latent [b, C, h, w]
+            strip_pixels: int | None = None, # low-memory decoding, this many output pixels per strip (see below)
            ) -> Tensor:
     "Image [b, out_ch, h*ds, w*ds], roughly in [-1, 1]: undo scale/shift, then decode."
     if not isinstance(z, Tensor): raise TypeError(f"expected a latent tensor, got {type(z).__name__}")
     if z.ndim != 4 or z.shape[1] != self.cfg.z_channels:
         raise ValueError(f"expected a latent batch [b, {self.cfg.z_channels}, h, w], got shape {tuple(z.shape)}: "
                          "add a batch axis with z[None] / unpatchify tokens first")
+    if strip_pixels is not None: return decode_in_strips(self.decoder, self.from_model_latent(z), strip_pixels)
     return self.decoder(self.from_model_latent(z))
 
 AutoEncoder.encode, AutoEncoder.decode = _encode, _decode
+
+# %% ../nbs/10_vae.ipynb #586e75ef
+STRIP_PIXELS = 1 << 16  # low-memory decoding: output pixels per strip (64 rows of a 1024-wide image)
+
+def _gn_stats(norm: nn.GroupNorm, x: Tensor, rows: int) -> tuple:  # -> (mean, rstd), each [b, c, 1, 1] fp32
+    "A GroupNorm's statistics over the whole of `x`, read `rows` rows at a time (two passes, fp32)."
+    b, c, H, W = x.shape
+    per = c // norm.num_groups
+    strips = lambda: (x[:, :, r:r + rows].float() for r in range(0, H, rows))
+    group = lambda s: s.view(b, norm.num_groups, per).sum(-1).repeat_interleave(per, 1)[:, :, None, None] / (per * H * W)
+    mean = group(sum(t.sum((2, 3)) for t in strips()))
+    var = group(sum((t - mean).square().sum((2, 3)) for t in strips()))
+    return mean, torch.rsqrt(var + norm.eps)
+
+def _gn_swish(norm: nn.GroupNorm, x: Tensor, stats: tuple) -> Tensor:
+    "swish(GroupNorm(x)) on a strip of rows, with the statistics of the whole tensor; in x's dtype."
+    mean, rstd = stats
+    y = (x.float() - mean) * rstd * norm.weight.float()[:, None, None] + norm.bias.float()[:, None, None]
+    return F.silu(y).to(x.dtype)
+
+def _conv_strips(conv: nn.Conv2d, src: Callable, H: int, rows: int) -> Tensor:  # -> [b, c_out, H, W]
+    "A 3x3, stride-1, padding-1 `conv` of an input of H rows, `rows` output rows at a time; src(a, b) gives input rows [a, b)."
+    out = None
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        t = F.pad(src(max(r0 - 1, 0), min(r1 + 1, H)), (0, 0, int(r0 == 0), int(r1 == H)))  # halo; zeros at the edges
+        y = F.conv2d(t, conv.weight, conv.bias, padding=(0, 1))
+        if out is None: out = y.new_empty(*y.shape[:2], H, y.shape[3])
+        out[:, :, r0:r1] = y
+    return out
+
+def _resnet_strips(blk: ResnetBlock, x: Tensor, rows: int) -> Tensor:
+    H = x.shape[2]
+    s1 = _gn_stats(blk.norm1, x, rows)
+    h = _conv_strips(blk.conv1, lambda a, b: _gn_swish(blk.norm1, x[:, :, a:b], s1), H, rows)
+    s2 = _gn_stats(blk.norm2, h, rows)
+    out = _conv_strips(blk.conv2, lambda a, b: _gn_swish(blk.norm2, h[:, :, a:b], s2), H, rows)
+    del h
+    for r in range(0, H, rows): out[:, :, r:r + rows] += blk.nin_shortcut(x[:, :, r:r + rows])
+    return out
+
+def _upsample_strips(up: Upsample, x: Tensor, rows: int) -> Tensor:
+    def src(a, b):  # rows [a, b) of the nearest x2 upsampled input
+        t = F.interpolate(x[:, :, a // 2:(b + 1) // 2], scale_factor=2.0, mode="nearest")
+        return t[:, :, a % 2:a % 2 + b - a]
+    return _conv_strips(up.conv, src, 2 * x.shape[2], rows)
+
+def _attn_chunks(attn: AttnBlock, x: Tensor, chunk: int) -> Tensor:
+    y = attn.norm(x)
+    q, k, v = (rearrange(f(y), "b c H W -> b 1 (H W) c") for f in (attn.q, attn.k, attn.v))
+    o = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, q.shape[2], chunk)], 2)
+    return x + attn.proj_out(rearrange(o, "b 1 (H W) c -> b c H W", H=x.shape[2]))
+
+@torch.no_grad()
+def decode_in_strips(dec: Decoder, z: Tensor, # VAE latent [b, z_channels, h, w] (unscaled)
+                     strip_pixels: int = STRIP_PIXELS, # output pixels per strip (rows = strip_pixels // width)
+                    ) -> Tensor:
+    "`dec(z)` with only block inputs and outputs held whole: convolutions in strips of rows, attention in query chunks."
+    if not isinstance(strip_pixels, int) or strip_pixels < 1: raise ValueError(f"strip_pixels must be an int >= 1, got {strip_pixels!r}")
+    rows = lambda W: max(1, strip_pixels // W)
+    x = _conv_strips(dec.conv_in, lambda a, b: z[:, :, a:b], z.shape[2], rows(z.shape[3]))
+    x = _resnet_strips(dec.mid.block_1, x, rows(x.shape[3]))
+    x = _attn_chunks(dec.mid.attn_1, x, strip_pixels)
+    x = _resnet_strips(dec.mid.block_2, x, rows(x.shape[3]))
+    for level in reversed(dec.up):
+        for blk in level.block: x = _resnet_strips(blk, x, rows(x.shape[3]))
+        if hasattr(level, "upsample"): x = _upsample_strips(level.upsample, x, rows(2 * x.shape[3]))
+    s = _gn_stats(dec.norm_out, x, rows(x.shape[3]))
+    return _conv_strips(dec.conv_out, lambda a, b: _gn_swish(dec.norm_out, x[:, :, a:b], s), x.shape[2], rows(x.shape[3]))
 
 # %% ../nbs/10_vae.ipynb #565c91cc
 def _config_from_state_dict(cls, sd: dict, # tensors named like ae.safetensors (meta tensors are fine)

@@ -7,7 +7,7 @@ each listed mode (bagel.quant: bf16, nf4, int8; needs bitsandbytes) on a freshly
 
     python -m bench.bench_generate --sizes 512 1024 --steps 50
     python -m bench.bench_generate --sizes 1024 --quant bf16 nf4 int8
-    python -m bench.bench_generate --sizes 1024 --quant nf4 --skip original --double-quant --embeddings  # smallest
+    python -m bench.bench_generate --sizes 1024 --quant nf4 --skip original --double-quant --embeddings --low-memory-decode
 """
 import argparse, time
 
@@ -54,6 +54,7 @@ def main():
                     help="modules kept in bf16: bagel.quant.DEFAULT_SKIP, or none as in the original app (ORIGINAL_SKIP)")
     ap.add_argument("--double-quant", action="store_true", help="NF4 block scales in 8 bits (quantize_(double_quant=True))")
     ap.add_argument("--embeddings", action="store_true", help="quantise the token table too (quantize_(embeddings=True))")
+    ap.add_argument("--low-memory-decode", action="store_true", help="VAE decode in strips (Inferencer(low_memory_decode=True))")
     a = ap.parse_args()
     if a.quant: return main_quant(a)
     from bench.common import report, sync
@@ -78,6 +79,7 @@ def main_quant(a):
     for mode in a.quant:
         inf = build()
         quantize_(inf.model, mode, skip=skip, double_quant=a.double_quant, embeddings=a.embeddings)
+        inf.low_memory_decode = a.low_memory_decode
         gc.collect(); torch.cuda.empty_cache()
         weights = module_bytes(inf.model) / GiB
         peaks = {}
@@ -93,7 +95,8 @@ def main_quant(a):
             rows.append([mode, f"{size}x{size}", a.steps, round(secs, 2), round(weights, 2), round(peaks["denoise"] / GiB, 2),
                          round(peaks["decode"] / GiB, 2), round(max(peaks.values()) / GiB, 2)])
         del inf, run, split, decode; gc.collect(); torch.cuda.empty_cache()
-    extra = "".join(f", {k}" for k, v in (("double_quant", a.double_quant), ("embeddings", a.embeddings)) if v)
+    extra = "".join(f", {k}" for k, v in (("double_quant", a.double_quant), ("embeddings", a.embeddings),
+                                           ("low_memory_decode", a.low_memory_decode)) if v)
     report("text-to-image per quantisation mode, BAGEL-7B-MoT layout, random weights "
            f"(bagel.quant {a.skip} skip list{extra})",
            ["mode", "size", "timesteps", "s / image", "weights GiB", "peak denoising GiB", "peak VAE decode GiB", "peak GiB"],
