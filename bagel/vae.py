@@ -299,9 +299,10 @@ def _upsample_strips(up: Upsample, x: Tensor, rows: int) -> Tensor:
         return t[:, :, a % 2:a % 2 + b - a]
     return _conv_strips(up.conv, src, 2 * x.shape[2], rows)
 
-def _attn_chunks(attn: AttnBlock, x: Tensor, chunk: int) -> Tensor:
+def _attn_chunks(attn: AttnBlock, x: Tensor, scores: int) -> Tensor:  # scores: query x key products per chunk
     y = attn.norm(x)
     q, k, v = (rearrange(f(y), "b c H W -> b 1 (H W) c") for f in (attn.q, attn.k, attn.v))
+    chunk = max(1, scores // k.shape[2])
     o = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, q.shape[2], chunk)], 2)
     return x + attn.proj_out(rearrange(o, "b 1 (H W) c -> b c H W", H=x.shape[2]))
 
@@ -314,7 +315,7 @@ def decode_in_strips(dec: Decoder, z: Tensor, # VAE latent [b, z_channels, h, w]
     rows = lambda W: max(1, strip_pixels // W)
     x = _conv_strips(dec.conv_in, lambda a, b: z[:, :, a:b], z.shape[2], rows(z.shape[3]))
     x = _resnet_strips(dec.mid.block_1, x, rows(x.shape[3]))
-    x = _attn_chunks(dec.mid.attn_1, x, strip_pixels)
+    x = _attn_chunks(dec.mid.attn_1, x, 512 * strip_pixels)   # 2048 queries x 16k keys at 1024² (128 MiB of fp32 scores)
     x = _resnet_strips(dec.mid.block_2, x, rows(x.shape[3]))
     for level in reversed(dec.up):
         for blk in level.block: x = _resnet_strips(blk, x, rows(x.shape[3]))
