@@ -38,6 +38,7 @@ class RecipeConfig:
     bench_step_cache: bool = False    # also score T2I and edits with the step cache on, and time it (bagel.stepcache)
     num_timesteps: int = 20
     cfg_text_scale: float = 4.0
+    timestep_shift: float = 1.0       # sampling shift; 1 matches the training draw of t (train.timestep_shift 1) at 16 tokens/image
     num_workers: int = 0              # DataLoader worker processes reading and packing (0: in the training process)
     model: dict = field(default_factory=dict)  # overrides of BagelConfig.shapesworld(): `llm:`/`vit:` field dicts, other fields
     train: dict = field(default_factory=lambda: dict(
@@ -136,7 +137,8 @@ def _inferencer(model):
     from bagel.inferencer import Inferencer
     return model if isinstance(model, Inferencer) else Inferencer.from_pretrained(model, dtype=torch.float32, device=_device())
 
-def _bench_settings(cfg: RecipeConfig) -> dict: return {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale}
+def _bench_settings(cfg: RecipeConfig) -> dict:
+    return {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale, "timestep_shift": cfg.timestep_shift}
 
 def evaluate(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
     "ShapesWorld-Bench on the exported model (resumable); returns the summary."
@@ -154,7 +156,7 @@ def evaluate_step_cache(cfg: RecipeConfig, model) -> dict:  # model: an Inferenc
                   BagelEngine(inf, step_cache=StepCache()), None, Path(cfg.out) / "bench_step_cache", _bench_settings(cfg), verbose=False)
     prompts = [x["prompt"] for x in heldout(8, "t2i", seed=cfg.seed + 2)]
     q = cache_quality(inf, prompts, StepCache(), image_shape=(cfg.size, cfg.size), seed=cfg.seed,
-                      num_timesteps=cfg.num_timesteps, cfg_text_scale=cfg.cfg_text_scale)
+                      num_timesteps=cfg.num_timesteps, cfg_text_scale=cfg.cfg_text_scale, timestep_shift=cfg.timestep_shift)
     return {"metrics": summary["metrics"], "speedup_forwards": q["speedup_forwards"], "speedup_wall": q["speedup_wall"],
             "psnr_mean": q["psnr_mean"]}
 
@@ -165,13 +167,13 @@ def samples(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the ex
     out, g = Path(cfg.out), torch.Generator().manual_seed(cfg.seed)
     t2i = list(heldout(4, "t2i", seed=cfg.seed + 1))
     imgs = inf.gen_image([x["prompt"] for x in t2i], image_shapes=(cfg.size, cfg.size), num_timesteps=cfg.num_timesteps,
-                         cfg_text_scale=cfg.cfg_text_scale, generator=g, progress=False)
+                         cfg_text_scale=cfg.cfg_text_scale, timestep_shift=cfg.timestep_shift, generator=g, progress=False)
     rows = []
     for i, (x, im) in enumerate(zip(t2i, imgs)):
         im.save(out / f"t2i_{i}.png"); rows.append(("t2i", x["prompt"], f"t2i_{i}.png", score_t2i(x["spec"], im)))
     e = next(iter(heldout(1, "edit", seed=cfg.seed + 1)))
     src = render(e["source"], cfg.size); src.save(out / "edit_source.png")
-    ed = inf.gen_image(e["instruction"], images=[src], num_timesteps=cfg.num_timesteps, cfg_img_scale=2.0,
+    ed = inf.gen_image(e["instruction"], images=[src], num_timesteps=cfg.num_timesteps, timestep_shift=cfg.timestep_shift, cfg_img_scale=2.0,
                        cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", generator=g, progress=False)[0]
     ed.save(out / "edit.png"); rows.append(("edit", e["instruction"], "edit.png", score_edit(e["source"], e["spec"], ed)))
     q = next(iter(heldout(1, "vqa", seed=cfg.seed + 1)))
