@@ -323,7 +323,7 @@ def train_step(model: Bagel, opt, sched, ema: EMA, batches: list, cfg: TrainConf
     W, dev = get_world_size(), model.device
     acc = torch.zeros(2, device=dev)
     for b in batches:
-        if b.padded_latent is None and b.padded_images is not None:
+        if b.padded_latent is None and b.padded_images is not None and len(b.padded_images):  # a text/ViT-only pack has none
             if vae is None: raise ValueError("a batch holds padded_images but no VAE was given to encode them")
             b.encode_images(vae, generator)
         with _autocast(cfg, dev): out = model.forward_train(b, generator)
