@@ -407,17 +407,21 @@ class ShapesWorldBench(Benchmark):
     def __init__(self, n: int = 60,              # T2I prompts and questions; edits are n // 2
                  seed: int = 0,                  # which held-out items
                  size: int = 64,                 # rendering and generation size (px)
-                 tasks: tuple = ("t2i", "edit", "vqa")):
+                 tasks: tuple = ("t2i", "edit", "vqa"),
+                 vit_size: int | None = None):   # the ViT side (bagel.shapesworld.vit_side); None: nearest multiple of 14
         if not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
         if bad := set(tasks) - {"t2i", "edit", "vqa"}: raise ValueError(f"unknown tasks {sorted(bad)}: use t2i, edit, vqa")
         self.n, self.seed, self.size, self.tasks = n, seed, size, tuple(tasks)
+        self.vit_size = vit_size if vit_size is None else sw.vit_side(size, vit_size)
         self.defaults = {"image_shape": (size, size), "crop_black": False, "max_new_tokens": 16}
 
-    def params(self) -> dict: return {"n": self.n, "seed": self.seed, "size": self.size, "tasks": list(self.tasks)}
+    def params(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "size": self.size, "tasks": list(self.tasks)} | (
+            {"vit_size": self.vit_size} if self.vit_size is not None else {})   # older results keep their key
 
     def transforms(self, cfg) -> tuple:
         from bagel.transforms import ImageTransform
-        v, t = min(self.size, cfg.max_image_size), min(max(cfg.vit.patch_size, round(self.size / 14) * 14), cfg.max_vit_image_size)
+        v, t = min(self.size, cfg.max_image_size), min(sw.vit_side(self.size, self.vit_size), cfg.max_vit_image_size)
         return ImageTransform(v, v, cfg.latent_downsample), ImageTransform(t, t, cfg.vit.patch_size)
 
 # %% ../nbs/50_eval.ipynb #0742a728

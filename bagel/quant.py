@@ -220,7 +220,8 @@ class MemoryPlan:
     weight_bytes: int             # all Bagel weights in this mode
     kv_bytes: int                 # KV caches of every branch
     act_bytes: int                # one denoising forward
-    vae_bytes: int                # VAE weights + decode activations on the first device
+    vae_bytes: int                # VAE weights on the first device
+    decode_bytes: int             # VAE decode activations (after denoising: the peak takes the larger of the two)
     devices: dict                 # name -> free bytes
     placement: dict               # name -> bytes placed there
     layers: dict                  # name -> decoder layer indices placed there
@@ -229,7 +230,7 @@ class MemoryPlan:
     parts: dict = field(default_factory=dict)  # weight bytes by part (layers, embeddings, lm_head, vit, other)
 
     @property
-    def total_bytes(self) -> int: return self.weight_bytes + self.kv_bytes + self.act_bytes + self.vae_bytes
+    def total_bytes(self) -> int: return self.weight_bytes + self.kv_bytes + self.vae_bytes + max(self.act_bytes, self.decode_bytes)
 
     def require(self) -> "MemoryPlan":
         "Raise InsufficientMemory with the message when the plan does not fit; else return self."
@@ -239,7 +240,8 @@ class MemoryPlan:
     def __repr__(self):
         g = lambda b: f"{b / GiB:.2f}"
         rows = [f"MemoryPlan({self.mode}, {self.image_size} px): weights {g(self.weight_bytes)} GiB + KV {g(self.kv_bytes)}"
-                f" + activations {g(self.act_bytes)} + VAE {g(self.vae_bytes)} = {g(self.total_bytes)} GiB"]
+                f" + VAE {g(self.vae_bytes)} + max(denoising {g(self.act_bytes)}, decode {g(self.decode_bytes)})"
+                f" = {g(self.total_bytes)} GiB"]
         for d, free in self.devices.items():
             ls = self.layers.get(d, [])
             span = f"layers {ls[0]}-{ls[-1]}" if ls else "no layers"
@@ -280,7 +282,7 @@ def _weight_parts(table: tuple, L: int, mode: str, skip: tuple, double_quant: bo
     return layers, parts
 
 def _runtime_bytes(cfg: BagelConfig, image_size: int, batch: int, branches: int, prompt_tokens: int, edit: bool,
-                   vae_on_gpu: bool) -> tuple:  # -> (kv, activations, vae)
+                   vae_on_gpu: bool, low_memory_decode: bool = False) -> tuple:  # -> (kv, activations, vae, decode)
     "KV cache, activation and VAE estimates of one batched generation (see the prose above)."
     c = cfg.llm
     d = c.head_dim
@@ -291,10 +293,12 @@ def _runtime_bytes(cfg: BagelConfig, image_size: int, batch: int, branches: int,
         ctx += q + vit_side ** 2 + 2
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * d * 2 * ctx * branches * batch
     act = int(1.5 * q * branches * batch * (4 * c.hidden_size + 3 * c.intermediate_size + 2 * c.num_key_value_heads * d) * 2)
-    vae = 0
+    vae = decode = 0
     if vae_on_gpu:
-        vae = 2 * _vae_params(cfg) + 6 * 128 * image_size ** 2 * 2 * batch
-    return kv, act, vae
+        vae = 2 * _vae_params(cfg)
+        mid = (image_size // cfg.vae.downsample) ** 2                         # positions of the mid-block attention
+        decode = (512 * image_size ** 2 * 2 if low_memory_decode else 6 * 128 * image_size ** 2 * 2 + 3 * mid ** 2 * 2) * batch
+    return kv, act, vae, decode
 
 def _vae_params(cfg) -> int:
     with torch.device("meta"): return sum(p.numel() for p in AutoEncoder(cfg.vae).parameters())
@@ -337,6 +341,7 @@ def plan_memory(source,                          # a BagelConfig or a model dir 
                 double_quant: bool = False,      # NF4 block scales in 8 bits (quantize_'s switch)
                 embeddings: bool = False,        # the token table quantised too (quantize_'s switch)
                 vae_on_gpu: bool = True,         # False: the app's CPU VAE
+                low_memory_decode: bool = False, # the VAE decodes in strips (Inferencer(low_memory_decode=True))
                 reserve: float = 0.05,           # fraction of each device kept free (allocator, CUDA context)
                ) -> MemoryPlan:
     "Estimate the memory of one generation in `mode` and place it on `devices`, without loading weights."
@@ -355,22 +360,22 @@ def plan_memory(source,                          # a BagelConfig or a model dir 
     free = _free_memory(devices)
     kw = dict(cfg=cfg, table=_module_table(cfg), mode=mode, free=free, image_size=image_size, batch=batch, branches=cfg_branches,
               prompt_tokens=prompt_tokens, edit=edit, skip=tuple(skip), double_quant=double_quant, embeddings=embeddings,
-              vae_on_gpu=vae_on_gpu, reserve=reserve)
+              vae_on_gpu=vae_on_gpu, low_memory_decode=low_memory_decode, reserve=reserve)
     plan = _plan(**kw)
     plan.message = (f"{plan.total_bytes / GiB:.1f} GiB on {len(free)} device(s) with {sum(free.values()) / GiB:.1f} GiB "
                     "free" if plan.fits else _advice(plan, kw))
     return plan
 
 def _plan(cfg, table, mode, free, image_size, batch, branches, prompt_tokens, edit, skip, double_quant, embeddings,
-          vae_on_gpu, reserve) -> MemoryPlan:
+          vae_on_gpu, low_memory_decode, reserve) -> MemoryPlan:
     "The plan without its message."
     layers, parts = _weight_parts(table, cfg.llm.num_hidden_layers, mode, skip, double_quant, embeddings)
-    kv, act, vae = _runtime_bytes(cfg, image_size, batch, branches, prompt_tokens, edit, vae_on_gpu)
+    kv, act, vae, decode = _runtime_bytes(cfg, image_size, batch, branches, prompt_tokens, edit, vae_on_gpu, low_memory_decode)
     L = len(layers)
     unit = [b + kv // L for b in layers]                                    # a layer carries its KV cache
-    first = sum(parts.values()) - sum(layers) + act + vae
+    first = sum(parts.values()) - sum(layers) + vae + max(act, decode)
     used, where, ok = _place(unit, first, free, reserve)
-    return MemoryPlan(mode, image_size, sum(parts.values()), kv, act, vae, free, used, where, ok, "", parts)
+    return MemoryPlan(mode, image_size, sum(parts.values()), kv, act, vae, decode, free, used, where, ok, "", parts)
 
 def _advice(plan: MemoryPlan, kw: dict) -> str:
     "Why it does not fit and which of nf4 / more GPUs / a smaller image would."

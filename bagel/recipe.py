@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .model import BagelConfig
+from .shapesworld import vit_side
 from .train import TrainConfig
 
 # %% auto #0
@@ -23,6 +24,7 @@ class RecipeConfig:
     "Everything the ShapesWorld recipe needs; `train` holds the TrainConfig fields."
     out: str = "demo_out"
     size: int = 64                    # render and generation size (px)
+    vit_size: int | None = None       # side the ViT sees (multiple of 14); None: the one nearest `size` (70 at 64 px)
     n_t2i: int = 3000
     n_edit: int = 1500
     n_vlm: int = 3000
@@ -57,8 +59,11 @@ class RecipeConfig:
         return cls(**d, train=train)
 
     def model_config(self) -> BagelConfig:
-        "BagelConfig.shapesworld() with the `model:` overrides applied."
+        "BagelConfig.shapesworld() at `vit_size` (if set), with the `model:` overrides applied."
         base, d = BagelConfig.shapesworld(), dict(self.model)
+        if self.vit_size is not None:      # the ViT's image size and position table follow the side it is trained at
+            side = vit_side(self.size, self.vit_size)
+            base = replace(base, vit=replace(base.vit, image_size=side), vit_max_num_patch_per_side=side // base.vit.patch_size)
         try:
             llm, vit = replace(base.llm, **d.pop("llm", None) or {}), replace(base.vit, **d.pop("vit", None) or {})
             return replace(base, llm=llm, vit=vit, **d)
@@ -95,7 +100,7 @@ def make_data(cfg: RecipeConfig) -> Path:
     if (root / "mix.yaml").exists(): return root / "mix.yaml"
     return Path(write_shapesworld(root, n_t2i=cfg.n_t2i, n_edit=cfg.n_edit, n_vlm=cfg.n_vlm, size=cfg.size,
                                   seed=cfg.seed, rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size,
-                                  workers=max(1, cfg.num_workers))["mix"])
+                                  workers=max(1, cfg.num_workers), vit_size=cfg.vit_size)["mix"])
 
 def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_size: int = 1):
     "This rank's packed batches of the mix: a DataLoader whose workers read, decode and pack (the dataset itself when num_workers is 0)."
@@ -132,10 +137,14 @@ def _device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #9e4f616f
-def _inferencer(model):
-    "An Inferencer over `model`: one already loaded, or an exported model dir (fp32, on this rank's device)."
+def _inferencer(model, cfg: RecipeConfig):
+    "An Inferencer over `model`: one already loaded, or an exported model dir (fp32, on this rank's device, the ViT at the trained side)."
     from bagel.inferencer import Inferencer
-    return model if isinstance(model, Inferencer) else Inferencer.from_pretrained(model, dtype=torch.float32, device=_device())
+    from bagel.transforms import ImageTransform
+    if isinstance(model, Inferencer): return model
+    v = vit_side(cfg.size, cfg.vit_size)
+    return Inferencer.from_pretrained(model, dtype=torch.float32, device=_device(),
+                                      vit_transform=ImageTransform(v, v, cfg.model_config().vit.patch_size))
 
 def _bench_settings(cfg: RecipeConfig) -> dict:
     return {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale, "timestep_shift": cfg.timestep_shift}
@@ -143,7 +152,7 @@ def _bench_settings(cfg: RecipeConfig) -> dict:
 def evaluate(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
     "ShapesWorld-Bench on the exported model (resumable); returns the summary."
     from bagel.eval import ShapesWorldBench, run
-    return run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size), _inferencer(model), None, Path(cfg.out) / "bench",
+    return run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size, vit_size=cfg.vit_size), _inferencer(model, cfg), None, Path(cfg.out) / "bench",
                _bench_settings(cfg), verbose=False, batch_size=cfg.eval_batch_size)
 
 def evaluate_step_cache(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
@@ -151,8 +160,8 @@ def evaluate_step_cache(cfg: RecipeConfig, model) -> dict:  # model: an Inferenc
     from bagel.eval import BagelEngine, ShapesWorldBench, run
     from bagel.shapesworld import heldout
     from bagel.stepcache import StepCache, cache_quality
-    inf = _inferencer(model)
-    summary = run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size, tasks=("t2i", "edit")),
+    inf = _inferencer(model, cfg)
+    summary = run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size, tasks=("t2i", "edit"), vit_size=cfg.vit_size),
                   BagelEngine(inf, step_cache=StepCache()), None, Path(cfg.out) / "bench_step_cache", _bench_settings(cfg), verbose=False)
     prompts = [x["prompt"] for x in heldout(8, "t2i", seed=cfg.seed + 2)]
     q = cache_quality(inf, prompts, StepCache(), image_shape=(cfg.size, cfg.size), seed=cfg.seed,
@@ -163,7 +172,7 @@ def evaluate_step_cache(cfg: RecipeConfig, model) -> dict:  # model: an Inferenc
 def samples(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
     "A few pictures for the report: T2I prompts, an edit, an answer (held-out, judged)."
     from bagel.shapesworld import heldout, render, score_edit, score_t2i, score_vqa
-    inf = _inferencer(model)
+    inf = _inferencer(model, cfg)
     out, g = Path(cfg.out), torch.Generator().manual_seed(cfg.seed)
     t2i = list(heldout(4, "t2i", seed=cfg.seed + 1))
     imgs = inf.gen_image([x["prompt"] for x in t2i], image_shapes=(cfg.size, cfg.size), num_timesteps=cfg.num_timesteps,
@@ -194,7 +203,7 @@ def run_shapesworld(cfg: RecipeConfig = RecipeConfig(), log=print) -> dict:
     base = stage("vae", lambda: make_base_dir(cfg, log=log))
     res = stage("train", lambda: train_bagel(cfg, base, mix, log=log))
     model_dir = stage("export", lambda: export_ema(latest_checkpoint(cfg.train_config().ckpt_dir), out / "model", model_dir=base))
-    inf = _inferencer(model_dir)                                       # loaded once for the three stages below
+    inf = _inferencer(model_dir, cfg)                                  # loaded once for the three stages below
     summary = stage("bench", lambda: evaluate(cfg, inf))
     cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, inf)) if cfg.bench_step_cache else None
     pics = stage("samples", lambda: samples(cfg, inf))

@@ -19,7 +19,7 @@ __all__ = ['SHAPES', 'UNKNOWN', 'COLORS', 'BACKGROUNDS', 'SIZES', 'CELLS', 'RELA
            'png_bytes', 'parse', 'parse_background', 'draw_parse', 'judge_agrees', 'degrade', 'holds', 'describe',
            't2i_sample', 'scene_spec', 'check_t2i_spec', 'spec_holds', 'score_t2i', 'refer', 'apply_edit',
            'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample', 'score_vqa', 't2i_row',
-           'edit_row', 'mix_config', 'write_shapesworld', 'heldout']
+           'edit_row', 'vit_side', 'mix_config', 'write_shapesworld', 'heldout']
 
 # %% ../nbs/21_shapesworld.ipynb #658d4b9f
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -591,9 +591,17 @@ def edit_row(rng, size: int = 64) -> dict:
     e = edit_sample(rng)
     return {"image_list": [png_bytes(render(s, size)) for s in e["scenes"]], "instruction_list": e["instructions"]}
 
-def mix_config(size: int, n_t2i_files: int, n_edit_files: int, n_vlm: int, weights=(1.0, 1.0, 1.0)) -> dict:
+def vit_side(size: int, vit_size: int | None = None) -> int:
+    "The side the ViT sees: `vit_size` (a multiple of 14), else the multiple of 14 nearest the render size (70 at 64 px)."
+    if vit_size is None: return max(14, round(size / 14) * 14)
+    if not isinstance(vit_size, int) or vit_size < 14 or vit_size % 14:
+        raise ValueError(f"vit_size must be a multiple of 14 (the ViT patch), got {vit_size!r}: e.g. 126 (9 x 9 patches)")
+    return vit_size
+
+def mix_config(size: int, n_t2i_files: int, n_edit_files: int, n_vlm: int, weights=(1.0, 1.0, 1.0),
+               vit_size: int | None = None) -> dict:   # the ViT side (vit_side); None: the nearest multiple of 14
     "The dataset mix YAML (spec §6.1) for a ShapesWorld dataset rendered at `size` px."
-    vit = max(14, round(size / 14) * 14)       # the ViT side the 14-stride rule gives a size-px image
+    vit = vit_side(size, vit_size)
     vae = {"image_stride": 16, "max_image_size": size, "min_image_size": size}
     return {"t2i_pretrain": {"dataset_names": ["shapesworld"], "image_transform_args": vae, "is_mandatory": True,
                              "num_used_data": [n_t2i_files], "weight": weights[0]},
@@ -648,14 +656,15 @@ def write_shapesworld(root,                         # folder to write into (crea
                       row_group_size: int = 50,     # parquet rows per row group
                       absolute_paths: bool = False, # write absolute paths (default: relative to root)
                       overwrite: bool = False,      # replace an existing ShapesWorld in root
-                      workers: int = 1) -> dict:    # processes rendering files in parallel (same bytes for any number)
+                      workers: int = 1,             # processes rendering files in parallel (same bytes for any number)
+                      vit_size: int | None = None) -> dict:  # the ViT side in mix.yaml (vit_side); None: nearest multiple of 14
     "Write the T2I, edit and VLM sources plus dataset_info.yaml and mix.yaml; return their paths."
     import pyarrow.parquet as pq
     from concurrent.futures import ProcessPoolExecutor
     for name, v in (("n_t2i", n_t2i), ("n_edit", n_edit), ("n_vlm", n_vlm), ("rows_per_file", rows_per_file), ("row_group_size", row_group_size),
                     ("workers", workers)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    render(Scene(), size)                                          # validates size
+    render(Scene(), size); vit_side(size, vit_size)                # validate size and vit_size before writing anything
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     if (taken := [p for p in _OWNED if (root / p).exists()]) and not overwrite:
         raise FileExistsError(f"{root} already holds {taken}: pass overwrite=True to replace them, or write elsewhere")
@@ -677,7 +686,7 @@ def write_shapesworld(root,                         # folder to write into (crea
         note = "# ShapesWorld registry (spec §6.2). " + ("Paths are absolute.\n" if absolute_paths else "Paths are relative to this file's folder.\n")
         (stage / "dataset_info.yaml").write_text(note + yaml.safe_dump(registry, sort_keys=False))
         (stage / "mix.yaml").write_text("# ShapesWorld training mix (spec §6.1); datasets in dataset_info.yaml\n"
-                                        + yaml.safe_dump(mix_config(size, len(t2i), len(edit), n_vlm), sort_keys=False))
+                                        + yaml.safe_dump(mix_config(size, len(t2i), len(edit), n_vlm, vit_size=vit_size), sort_keys=False))
         for p in _OWNED:
             if (root / p).is_dir(): shutil.rmtree(root / p)
             os.replace(stage / p, root / p)

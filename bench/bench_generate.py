@@ -55,10 +55,12 @@ def main():
     ap.add_argument("--double-quant", action="store_true", help="NF4 block scales in 8 bits (quantize_(double_quant=True))")
     ap.add_argument("--embeddings", action="store_true", help="quantise the token table too (quantize_(embeddings=True))")
     ap.add_argument("--low-memory-decode", action="store_true", help="VAE decode in strips (Inferencer(low_memory_decode=True))")
+    ap.add_argument("--profile", action="store_true", help="print the op table of one generation at the first size (no row)")
     a = ap.parse_args()
     if a.quant: return main_quant(a)
     from bench.common import report, sync
     inf = build()
+    if a.profile: return profile(inf, a.sizes[0], a.steps)
     rows = []
     for size in a.sizes:
         run = lambda: t2i(inf, size, a.steps)
@@ -68,6 +70,18 @@ def main():
     report("text-to-image, BAGEL-7B-MoT layout, random bf16 weights, plain path (sdpa per sequence; the CFG branches packed in one forward per step)",
            ["size", "timesteps", "s / image", "peak GiB"], rows,
            notes="cfg_text_scale 4 on [0.4, 1], timestep_shift 3, text guidance only (cfg_img_scale 1); VAE decode included.")
+
+def profile(inf, size: int, steps: int):
+    "The ops of one text-to-image call (after a warm-up one), by device time, and the device time per decoder pass."
+    from torch.profiler import ProfilerActivity, profile as prof
+    from bench.common import sync
+    t2i(inf, size, steps); sync()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        t2i(inf, size, steps); sync()
+    ka = p.key_averages()
+    print(ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    total = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) for e in ka) / 1e6
+    print(f"device time {total:.2f} s for one {size}x{size} image ({steps} timesteps), host CPU {sum(e.self_cpu_time_total for e in ka) / 1e6:.2f} s")
 
 def main_quant(a):
     "One table: seconds per image, resident weights and peak memory per quantisation mode and size."
