@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from typing import Callable
 
 from .model import Bagel
-from .mot import AttnPlan, Routing, apply_rope, to_device
+from .mot import MLP, AttnPlan, Qwen2MoTAttention, RMSNorm, Routing, apply_rope, to_device
 from .vae import latent_position_ids
 
 # %% auto #0
-__all__ = ['StaticDecoder', 'StaticVelocity', 'static_velocity']
+__all__ = ['StaticDecoder', 'StaticVelocity', 'static_velocity', 'fuse_']
 
 # %% ../nbs/45_fast_paths.ipynb #b0a20875
 class StaticDecoder:
@@ -59,7 +59,7 @@ class StaticDecoder:
             h = layer.input_layernorm(x)
             q, k, v = (p(h).view(b, -1, d) for p in (a.q_proj, a.k_proj, a.v_proj))
             if a.q_norm is not None: q, k = a.q_norm(q), a.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = a.rope(q, cos, sin), a.rope(k, cos, sin)
             self.keys[i][self.rows, :, self.slot] = k                     # [b, h_kv, d] at each sequence's slot
             self.values[i][self.rows, :, self.slot] = v
             o = F.scaled_dot_product_attention(q[:, :, None], self.keys[i], self.values[i], attn_mask=mask,
@@ -159,3 +159,12 @@ def static_velocity(model: Bagel, grids_of, cuda_graph: bool | None = None) -> C
         if key not in made: made[key] = StaticVelocity(model, ctxs, grids_of(ctxs), cuda_graph, pool)
         return made[key](xs, t)
     return velocity
+
+# %% ../nbs/45_fast_paths.ipynb #5ede0a89
+def fuse_(model: nn.Module, dynamic: bool = True) -> nn.Module:
+    "Compile the elementwise pieces of every decoder layer in place (RMSNorm, the SwiGLU MLP, RoPE); returns `model`."
+    rope = torch.compile(apply_rope, dynamic=dynamic)
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, MLP)): m.compile(dynamic=dynamic)
+        elif isinstance(m, Qwen2MoTAttention): m.rope = rope
+    return model

@@ -640,6 +640,7 @@ def _merge_cache(k: Tensor, v: Tensor, plan: AttnPlan, past: list | None):
 
 class Qwen2MoTAttention(nn.Module):
     "GQA self-attention with per-expert projections and q/k norms, joint over the sequence."
+    rope = staticmethod(apply_rope)  # bagel.fast.fuse_ puts a compiled one on the instances
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         H, h, hkv, self.head_dim = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -662,7 +663,7 @@ class Qwen2MoTAttention(nn.Module):
         q = r(x, self._heads(self.q_proj, self.q_norm), self._heads(self.q_proj_moe_gen, self.q_norm_moe_gen), fz)
         k = r(x, self._heads(self.k_proj, self.k_norm), self._heads(self.k_proj_moe_gen, self.k_norm_moe_gen), fz)
         v = r(x, self._heads(self.v_proj, None), self._heads(self.v_proj_moe_gen, None), fz)
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)  # [n, h, d], [n, h_kv, d]
+        q, k = self.rope(q, step.cos, step.sin), self.rope(k, step.cos, step.sin)  # [n, h, d], [n, h_kv, d]
         k_all, v_all, merged = _merge_cache(k, v, step.plan, past)
         o = packed_attention(q, k_all, v_all, step.plan, step.backend)  # [n, h, d]
         return r(o.flatten(1), self.o_proj, self.o_proj_moe_gen, fz), merged

@@ -14,6 +14,7 @@ Floors are those of the issue (arithmetic at 790 TFLOP/s and 3.35 TB/s). Each ru
 
     python -m bench.bench_speed                          # every workload
     python -m bench.bench_speed --workloads t2i512 und   # some
+    python -m bench.bench_speed --fused                  # with bagel.fast.fuse_ (torch.compile'd elementwise pieces)
 """
 import argparse, time
 
@@ -75,6 +76,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of the training step at the 7B width")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny model, 1/16 image sides, 4 timesteps")
     ap.add_argument("--results", default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
+    ap.add_argument("--fused", action="store_true", help="compile the elementwise pieces first (bagel.fast.fuse_); rows say 'fused'")
     a = ap.parse_args(argv)
     if not (torch.cuda.is_available() or a.tiny): raise SystemExit("bench_speed needs a CUDA GPU (or --tiny for a smoke run)")
     from pathlib import Path
@@ -90,10 +92,14 @@ def main(argv=None):
             inf = build("cpu", torch.float32, cfg)
             inf = Inferencer(inf.bundle, *default_transforms(cfg))
         else: inf = build()
+        if a.fused:
+            from bagel.fast import fuse_
+            fuse_(inf.model)                          # compiles on first use: the warm-up run of each workload pays it
         inf.tokenizer.decode = lambda ids, **kw: " ".join(str(i) for i in ids)   # ids only: one word per token
         for w in gen:
             for fast in (False, True):
                 rows.append(run_understanding(inf, sync, a.tokens, scale, fast) if w == "und" else run_generation(inf, w, sync, scale, steps, fast))
+                if a.fused: rows[-1][0] += " fused"
                 print(rows[-1], flush=True)
         if "t2i512" in gen:                           # the fast path's agreement with the plain one, same noise
             size = 512 // scale
@@ -111,6 +117,7 @@ def main(argv=None):
                      "static KV buffers replayed as a CUDA graph; `... fast` generation rows: the denoising passes replayed as "
                      "CUDA graphs (`fast=True`, bagel.fast); captures included."
                      + (f" {diff}." if "t2i512" in gen else "")
+                     + (" `fused`: RMSNorm, SwiGLU and RoPE compiled (bagel.fast.fuse_; compilation in the warm-up run)." if a.fused else "")
                      + (" SMOKE RUN (--tiny, CPU): the floors do not apply." if a.tiny else ""),
                results=Path(a.results) if a.results else RESULTS)
     if "train" in a.workloads:
