@@ -117,8 +117,8 @@ def test_plan_that_does_not_fit_names_the_fixes():
     with pytest.raises(InsufficientMemory, match="mode='nf4'"): p.require()
     assert "2 devices" in p.message
     p = plan_memory(cfg, "nf4", devices={"cuda:0": 12 * GiB})
-    assert not p.fits and "image_size=512" in p.message
-    assert plan_memory(cfg, "nf4", devices={"cuda:0": 12 * GiB}, image_size=512).require().fits
+    assert not p.fits and "image_size=768" in p.message           # the largest smaller size that fits
+    assert plan_memory(cfg, "nf4", devices={"cuda:0": 12 * GiB}, image_size=768).require().fits
     two = plan_memory(cfg, "bf16", devices={"cuda:0": 24 * GiB, "cuda:1": 24 * GiB}).require()
     assert sorted(two.layers["cuda:0"] + two.layers["cuda:1"]) == list(range(28)) and two.layers["cuda:1"]
     big = plan_memory(cfg, "bf16", devices={"cuda:0": 24 * GiB}, batch=4, edit=True)
