@@ -19,6 +19,17 @@ from .vae import latent_position_ids
 __all__ = ['StaticDecoder', 'StaticVelocity', 'static_velocity', 'fuse_']
 
 # %% ../nbs/45_fast_paths.ipynb #b0a20875
+def _capture(step: Callable, device, pool=None, reset: Callable = lambda: None) -> tuple:  # -> (graph, output)
+    "Run `step` twice on a side stream (warm-up; `reset` after each), then record it as a CUDA graph."
+    s, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    s.wait_stream(main)
+    with torch.cuda.stream(s):
+        for _ in range(2): step(); reset()
+    main.wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool): out = step()     # recorded, not run
+    return graph, out
+
 class StaticDecoder:
     "Greedy or sampled text decoding of a batch of contexts with preallocated KV buffers; on CUDA each token is one graph replay."
     def __init__(self, model: Bagel,
@@ -70,14 +81,9 @@ class StaticDecoder:
         return self.model.language_model.lm_head(lm.norm(x))
 
     def _capture(self):
-        "Warm up on a side stream (state restored), then record one step as a CUDA graph."
+        "Record one step as a CUDA graph; the warm-up steps' advance of pos/slot is undone."
         pos, slot = self.pos.clone(), self.slot.clone()
-        s = torch.cuda.Stream(self.ids.device); s.wait_stream(torch.cuda.current_stream(self.ids.device))
-        with torch.cuda.stream(s):
-            for _ in range(2): self._step(); self.pos.copy_(pos); self.slot.copy_(slot)
-        torch.cuda.current_stream(self.ids.device).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph): self.out = self._step()      # recorded, not run: pos/slot unchanged
+        self.graph, self.out = _capture(self._step, self.ids.device, reset=lambda: (self.pos.copy_(pos), self.slot.copy_(slot)))
 
     @torch.no_grad()
     def __call__(self, ids: list) -> Tensor:  # b token ids -> [b, V] next-token logits (a view: read before the next call)
@@ -132,13 +138,7 @@ class StaticVelocity:
         h = self.lm(x, self.pos, self.plan, caches=self.caches, update_cache=False, route=self.route)
         return m.llm2vae(h[self.lat_rows]).float()
 
-    def _capture(self):
-        s = torch.cuda.Stream(self.x.device); s.wait_stream(torch.cuda.current_stream(self.x.device))
-        with torch.cuda.stream(s):
-            for _ in range(2): self._step()
-        torch.cuda.current_stream(self.x.device).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.pool): self.out = self._step()
+    def _capture(self): self.graph, self.out = _capture(self._step, self.x.device, self.pool)
 
     @torch.no_grad()
     def __call__(self, x_t: list, t) -> list:  # b noisy token sets [n_i, D]; t: scalar or [b] -> b velocities (fp32)

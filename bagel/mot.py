@@ -474,7 +474,18 @@ def take_rows(x: Tensor,                      # [n, ...]
     if back is None or not (torch.is_grad_enabled() and x.requires_grad): return _rows(x, idx, ok)
     return _TakeRows.apply(x, idx, ok, back, back_ok)
 
-def _group_layout(plan: AttnPlan, device, target: int) -> tuple:  # -> (q_idx [g, Lq], k_idx [g, Lk], mask [g, 1, Lq, Lk], inv [n_q], k_inv [n_k])
+class _GroupLayout(NamedTuple):
+    q_rows: Tensor   # [g*Lq] the query token read into each slot (pads read the last token ...)
+    q_ok: Tensor     # [g*Lq] bool: ... and are zeroed where this is False
+    k_rows: Tensor   # [g*Lk]
+    k_ok: Tensor     # [g*Lk]
+    q_shape: tuple   # (g, Lq)
+    k_shape: tuple   # (g, Lk)
+    mask: Tensor     # [g, 1, Lq, Lk]
+    inv: Tensor      # [n_q] the slot that holds each query token
+    k_inv: Tensor    # [n_k] the slot that holds each key token
+
+def _group_layout(plan: AttnPlan, device, target: int) -> _GroupLayout:
     "Where each packed token sits in the padded [groups, length] layout (and back), and the groups' masks (memoised)."
     key = ("grouped", str(device), target)
     if key in plan._memo: return plan._memo[key]
@@ -487,29 +498,29 @@ def _group_layout(plan: AttnPlan, device, target: int) -> tuple:  # -> (q_idx [g
         q_idx[j, :b - a], k_idx[j, :d - c] = torch.arange(a, b), torch.arange(c, d)
     inv = torch.cat([torch.arange(b - a) + j * Lq for j, (a, b) in enumerate(sq)])
     k_inv = torch.cat([torch.arange(d - c) + j * Lk for j, (c, d) in enumerate(sk)])
-    q_idx, k_idx, inv, k_inv = (to_device(t, device) for t in (q_idx, k_idx, inv, k_inv))
+    q_ok, k_ok = q_idx < plan.n_q, k_idx < plan.n_k                    # on the host, once per plan
+    q_rows, k_rows = q_idx.clamp(max=plan.n_q - 1), k_idx.clamp(max=plan.n_k - 1)
+    q_rows, k_rows, q_ok, k_ok, inv, k_inv = (to_device(t, device) for t in (q_rows, k_rows, q_ok, k_ok, inv, k_inv))
     qi, ki = plan.token_info(device)
-    q_ok, k_ok = q_idx < plan.n_q, k_idx < plan.n_k
-    qg, kg = qi.at(q_idx.clamp(max=plan.n_q - 1)), ki.at(k_idx.clamp(max=plan.n_k - 1))
+    qg, kg = qi.at(q_rows), ki.at(k_rows)
     allowed = attn_allowed(qg.at((slice(None), slice(None), None)), kg.at((slice(None), None, slice(None))))
     # pad keys are hidden; pad query rows see every key, so that no row is all -inf (NaN in the backward)
     mask = (allowed & k_ok[:, None, :]) | ~q_ok[:, :, None]
-    plan._memo[key] = out = (q_idx, k_idx, mask[:, None], inv, k_inv)
+    plan._memo[key] = out = _GroupLayout(q_rows.flatten(), q_ok.flatten(), k_rows.flatten(), k_ok.flatten(),
+                                         (len(gs), Lq), (len(gs), Lk), mask[:, None], inv, k_inv)
     return out
 
 def _grouped(q, k, v, plan: AttnPlan, target: int = GROUP_TOKENS) -> Tensor:
     "Sequences gathered into padded groups: one masked SDPA call over [groups, h, L, d], no loop, no compile."
-    q_idx, k_idx, mask, inv, k_inv = _group_layout(plan, q.device, target)
-    def gather(t, idx, n, back):  # [n, h, d] -> [g, h, L, d]; pad slots (idx == n) read zeros
-        ok = (idx < n).flatten()
-        return take_rows(t, idx.flatten().clamp(max=n - 1), ok, back).unflatten(0, idx.shape).transpose(1, 2)
-    qg, kg, vg = gather(q, q_idx, plan.n_q, inv), gather(k, k_idx, plan.n_k, k_inv), gather(v, k_idx, plan.n_k, k_inv)
+    G = _group_layout(plan, q.device, target)
+    gather = lambda t, rows, ok, back, shape: take_rows(t, rows, ok, back).unflatten(0, shape).transpose(1, 2)  # [g, h, L, d]
+    qg = gather(q, G.q_rows, G.q_ok, G.inv, G.q_shape)
+    kg, vg = (gather(t, G.k_rows, G.k_ok, G.k_inv, G.k_shape) for t in (k, v))
     rep = q.shape[1] // k.shape[1]
     if rep > 1: kg, vg = kg.repeat_interleave(rep, 1), vg.repeat_interleave(rep, 1)  # masked kernels take no GQA
     with _masked_kernels(q):
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=q.shape[-1] ** -0.5)
-    q_ok = (q_idx < plan.n_q).flatten()
-    return take_rows(o.transpose(1, 2).flatten(0, 1), inv, None, q_idx.flatten().clamp(max=plan.n_q - 1), q_ok)  # [n_q, h, d]
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=G.mask, scale=q.shape[-1] ** -0.5)
+    return take_rows(o.transpose(1, 2).flatten(0, 1), G.inv, None, G.q_rows, G.q_ok)  # [n_q, h, d]
 
 def _masked_kernels(q: Tensor):
     "On a GPU, SDPA with a mask runs the memory-efficient kernel: cuDNN's took 2-3 ms of host time per call in a training step."

@@ -139,12 +139,11 @@ def _device() -> str:
 # %% ../nbs/36_shapesworld_recipe.ipynb #9e4f616f
 def _inferencer(model, cfg: RecipeConfig):
     "An Inferencer over `model`: one already loaded, or an exported model dir (fp32, on this rank's device, the ViT at the trained side)."
+    from bagel.eval import ShapesWorldBench
     from bagel.inferencer import Inferencer
-    from bagel.transforms import ImageTransform
     if isinstance(model, Inferencer): return model
-    v = vit_side(cfg.size, cfg.vit_size)
-    return Inferencer.from_pretrained(model, dtype=torch.float32, device=_device(),
-                                      vit_transform=ImageTransform(v, v, cfg.model_config().vit.patch_size))
+    vit = ShapesWorldBench(size=cfg.size, vit_size=cfg.vit_size).transforms(cfg.model_config())[1]   # the bench's ViT side
+    return Inferencer.from_pretrained(model, dtype=torch.float32, device=_device(), vit_transform=vit)
 
 def _bench_settings(cfg: RecipeConfig) -> dict:
     return {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale, "timestep_shift": cfg.timestep_shift}
@@ -165,7 +164,7 @@ def evaluate_step_cache(cfg: RecipeConfig, model) -> dict:  # model: an Inferenc
                   BagelEngine(inf, step_cache=StepCache()), None, Path(cfg.out) / "bench_step_cache", _bench_settings(cfg), verbose=False)
     prompts = [x["prompt"] for x in heldout(8, "t2i", seed=cfg.seed + 2)]
     q = cache_quality(inf, prompts, StepCache(), image_shape=(cfg.size, cfg.size), seed=cfg.seed,
-                      num_timesteps=cfg.num_timesteps, cfg_text_scale=cfg.cfg_text_scale, timestep_shift=cfg.timestep_shift)
+                      **_bench_settings(cfg))
     return {"metrics": summary["metrics"], "speedup_forwards": q["speedup_forwards"], "speedup_wall": q["speedup_wall"],
             "psnr_mean": q["psnr_mean"]}
 
@@ -175,8 +174,8 @@ def samples(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the ex
     inf = _inferencer(model, cfg)
     out, g = Path(cfg.out), torch.Generator().manual_seed(cfg.seed)
     t2i = list(heldout(4, "t2i", seed=cfg.seed + 1))
-    imgs = inf.gen_image([x["prompt"] for x in t2i], image_shapes=(cfg.size, cfg.size), num_timesteps=cfg.num_timesteps,
-                         cfg_text_scale=cfg.cfg_text_scale, timestep_shift=cfg.timestep_shift, generator=g, progress=False)
+    imgs = inf.gen_image([x["prompt"] for x in t2i], image_shapes=(cfg.size, cfg.size), **_bench_settings(cfg),
+                         generator=g, progress=False)
     rows = []
     for i, (x, im) in enumerate(zip(t2i, imgs)):
         im.save(out / f"t2i_{i}.png"); rows.append(("t2i", x["prompt"], f"t2i_{i}.png", score_t2i(x["spec"], im)))

@@ -465,7 +465,7 @@ def train(cfg: TrainConfig,
           model: BagelConfig | str | Path,     # a config (seeded init) or a model dir (finetune_from_hf)
           data,                                 # iterable of PackedBatch for this rank, or callable(rank, world_size)
           vae: nn.Module | None = None,         # default: the model dir's, or a seeded random one
-          callbacks: tuple = (),                # fn(step, record) after every optimizer step
+          callbacks: tuple = (),                # fn(step, record) after every optimizer step (record: see _loop)
           device: str | None = None) -> TrainResult:
     "Train BAGEL (spec §5): alone, or one rank of a torchrun/gloo/NCCL job."
     rank, W = init_distributed()
@@ -513,7 +513,8 @@ def _loop(cfg, net, opt, sched, ema, vae, bcfg, it, tracker, gen, step, ckpt, me
             warnings.warn(f"the data ran out after {step} steps"); break
         win[4] += time.perf_counter() - tw                                  # seconds spent waiting for data
         logs = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps
-        rec = train_step(net, opt, sched, ema, batches, cfg, gen, vae, sync=logs or bool(callbacks))  # else: no host sync
+        # only log steps wait for the device; between them a callback's record holds 0-d device tensors (float() syncs)
+        rec = train_step(net, opt, sched, ema, batches, cfg, gen, vae, sync=logs)
         step += 1; tracker.update(batches); bar.update(1)
         lens = [n for b in batches for n in b.sample_lens]
         win[:3] += torch.tensor([float(sum(lens)), float(sum(n * n for n in lens)), float(len(lens))])

@@ -58,34 +58,32 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the op table of one generation at the first size (no row)")
     a = ap.parse_args()
     if a.quant: return main_quant(a)
-    from bench.common import report, sync
+    from bench.common import report, timed_peak
     inf = build()
     if a.profile: return profile(inf, a.sizes[0], a.steps)
     rows = []
     for size in a.sizes:
-        run = lambda: t2i(inf, size, a.steps)
-        run(); sync(); torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter(); run(); sync(); secs = time.perf_counter() - t0
-        rows.append([f"{size}x{size}", a.steps, round(secs, 2), round(torch.cuda.max_memory_allocated() / 2**30, 1)])
+        secs, peak, _ = timed_peak(lambda: t2i(inf, size, a.steps))
+        rows.append([f"{size}x{size}", a.steps, round(secs, 2), round(peak, 1)])
     report("text-to-image, BAGEL-7B-MoT layout, random bf16 weights, plain path (sdpa per sequence; the CFG branches packed in one forward per step)",
            ["size", "timesteps", "s / image", "peak GiB"], rows,
            notes="cfg_text_scale 4 on [0.4, 1], timestep_shift 3, text guidance only (cfg_img_scale 1); VAE decode included.")
 
 def profile(inf, size: int, steps: int):
     "The ops of one text-to-image call (after a warm-up one), by device time."
-    from torch.profiler import ProfilerActivity, profile as prof
-    from bench.common import sync
+    from bench.common import op_tables, sync
     t2i(inf, size, steps); sync()
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        t0 = time.perf_counter(); t2i(inf, size, steps); sync(); wall = time.perf_counter() - t0
-    print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
-    print(f"one {size}x{size} image ({steps} timesteps): {wall:.2f} s wall under the profiler; "
+    secs = {}
+    def run():
+        t0 = time.perf_counter(); t2i(inf, size, steps); sync(); secs["wall"] = time.perf_counter() - t0
+    print(op_tables(run, rows=30))
+    print(f"one {size}x{size} image ({steps} timesteps): {secs['wall']:.2f} s wall under the profiler; "
           "the device and host totals are the table's last two lines")
 
 def main_quant(a):
     "One table: seconds per image, resident weights and peak memory per quantisation mode and size."
     import gc
-    from bench.common import report, sync
+    from bench.common import report, timed_peak
     from bagel.quant import quantize_, module_bytes, DEFAULT_SKIP, ORIGINAL_SKIP
     skip = DEFAULT_SKIP if a.skip == "default" else ORIGINAL_SKIP
     GiB, rows = 2**30, []
@@ -102,12 +100,10 @@ def main_quant(a):
             out = decode(x, shape); peaks["decode"] = torch.cuda.max_memory_allocated(); return out
         inf.decode_latents = split
         for size in a.sizes:
-            run = lambda: t2i(inf, size, a.steps)
-            run(); sync(); torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter(); run(); sync(); secs = time.perf_counter() - t0
+            secs, _, _ = timed_peak(lambda: t2i(inf, size, a.steps))   # the peaks: split around the decode above
             rows.append([mode, f"{size}x{size}", a.steps, round(secs, 2), round(weights, 2), round(peaks["denoise"] / GiB, 2),
                          round(peaks["decode"] / GiB, 2), round(max(peaks.values()) / GiB, 2)])
-        del inf, run, split, decode; gc.collect(); torch.cuda.empty_cache()
+        del inf, split, decode; gc.collect(); torch.cuda.empty_cache()
     extra = "".join(f", {k}" for k, v in (("double_quant", a.double_quant), ("embeddings", a.embeddings),
                                            ("low_memory_decode", a.low_memory_decode)) if v)
     report("text-to-image per quantisation mode, BAGEL-7B-MoT layout, random weights "

@@ -56,14 +56,9 @@ def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
     if cuda: print(f"  host syncs inside one step: {sync_sites(lambda: train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae, sync=False))}")
     table = None
     if profile:
-        from torch.profiler import ProfilerActivity, profile as prof
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with prof(activities=acts) as p:
-            for _ in range(3): train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae)
-            sync()
-        ka = p.key_averages()
-        table = (ka.table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=18, max_name_column_width=60)
-                 + "\n" + ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+        from bench.common import op_tables
+        def three(): [train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae) for _ in range(3)]
+        table = op_tables(three, ("cuda_time_total", "self_cpu_time_total"), rows=18)
     return dict(step_s=dt, warmup_s=warm, params=sum(p.numel() for p in net.parameters()), table=table,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 

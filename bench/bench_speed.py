@@ -16,21 +16,16 @@ Floors are those of the issue (arithmetic at 790 TFLOP/s and 3.35 TB/s). Each ru
     python -m bench.bench_speed --workloads t2i512 und   # some
     python -m bench.bench_speed --fused                  # with bagel.fast.fuse_ (torch.compile'd elementwise pieces)
 """
-import argparse, time
+import argparse
 
 import torch
 from torch import Tensor
 
+from bench.common import timed_peak
+
 FLOORS = {"t2i1024": 6.9, "t2i512": 1.6, "edit1024": 12.2}   # seconds
 DECODE_FLOOR_S = 4.5e-3                                      # seconds per greedy token (und expert weights at 3.35 TB/s)
 WORKLOADS = ("t2i1024", "t2i512", "edit1024", "und", "train")
-
-def _timed(fn, sync) -> tuple:  # -> (seconds, peak GiB, result)
-    cuda = torch.cuda.is_available()
-    fn(); sync()
-    if cuda: torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter(); out = fn(); sync()
-    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, out
 
 def final_latents(inf, size: int, steps: int, fast: bool) -> Tensor:
     "The sampled latent tokens of one T2I call (the defaults of `t2i`, fixed noise), before the VAE."
@@ -39,7 +34,7 @@ def final_latents(inf, size: int, steps: int, fast: bool) -> Tensor:
     t2i(inf, size, steps, callback=lambda i, n, xs: last.__setitem__("x", xs[0]), fast=fast)
     return last["x"].float().cpu()
 
-def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50, fast: bool = False) -> list:
+def run_generation(inf, name: str, scale: int = 1, steps: int = 50, fast: bool = False) -> list:
     from PIL import Image
     from bench.bench_generate import t2i
     inf.fast = fast                                   # denoising passes as CUDA graph replays (bagel.fast.static_velocity)
@@ -51,19 +46,19 @@ def run_generation(inf, name: str, sync, scale: int = 1, steps: int = 50, fast: 
         fn = lambda: inf.gen_image("make the plate blue", images=[src], num_timesteps=steps, timestep_shift=3.0,
                                    cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel",
                                    generator=torch.Generator().manual_seed(0), progress=False)
-    secs, peak, _ = _timed(fn, sync)
+    secs, peak, _ = timed_peak(fn)
     if torch.cuda.is_available() and name == "t2i512" and not fast:   # where the host still waits (look for x49)
         from bench.common import sync_sites
         print(f"  {name}: host syncs in one call: {sync_sites(fn)}", flush=True)
     return [name + (" fast" if fast else ""), f"{size}x{size}", round(secs, 2), FLOORS[name], f"{100 * FLOORS[name] / secs:.0f}%", round(peak, 1)]
 
-def run_understanding(inf, sync, tokens: int, scale: int = 1, fast: bool = False) -> list:
+def run_understanding(inf, tokens: int, scale: int = 1, fast: bool = False) -> list:
     from PIL import Image
     inf.fast = fast                                   # decode through bagel.fast.StaticDecoder (CUDA graph)
     img = Image.new("RGB", (980 // scale, 980 // scale), (90, 140, 200))
     q = "Describe this picture in detail."
-    pre, _, _ = _timed(lambda: inf.understand(img, q, max_length=1), sync)
-    full, peak, ans = _timed(lambda: inf.understand(img, q, max_length=tokens + 1), sync)
+    pre, _, _ = timed_peak(lambda: inf.understand(img, q, max_length=1))
+    full, peak, ans = timed_peak(lambda: inf.understand(img, q, max_length=tokens + 1))
     n = max(1, len(ans[0].split()))                   # the bench tokenizer decodes one word per id
     per = (full - pre) / n
     return ["und fast" if fast else "und", f"980² + question, {n} tokens", round(pre, 3), f"{per * 1e3:.1f} ms/token ({1 / per:.0f} tokens/s)",
@@ -81,7 +76,7 @@ def main(argv=None):
     if not (torch.cuda.is_available() or a.tiny): raise SystemExit("bench_speed needs a CUDA GPU (or --tiny for a smoke run)")
     from pathlib import Path
     from bench.bench_generate import build
-    from bench.common import RESULTS, report, sync
+    from bench.common import RESULTS, report
     rows, scale, steps = [], (16 if a.tiny else 1), (4 if a.tiny else 50)
     gen = [w for w in a.workloads if w != "train"]
     if gen:
@@ -98,7 +93,7 @@ def main(argv=None):
         inf.tokenizer.decode = lambda ids, **kw: " ".join(str(i) for i in ids)   # ids only: one word per token
         for w in gen:
             for fast in (False, True):
-                rows.append(run_understanding(inf, sync, a.tokens, scale, fast) if w == "und" else run_generation(inf, w, sync, scale, steps, fast))
+                rows.append(run_understanding(inf, a.tokens, scale, fast) if w == "und" else run_generation(inf, w, scale, steps, fast))
                 if a.fused: rows[-1][0] += " fused"
                 print(rows[-1], flush=True)
         if "t2i512" in gen:                           # the fast path's agreement with the plain one, same noise

@@ -68,11 +68,8 @@ def bench(size: str, layers: int, steps: int, pairs: int, attn: str, activation_
     for _ in range(steps): rec = train_step(net, opt, sched, ema, [batch], cfg, gen)
     sync(); dt = (time.perf_counter() - t0) / steps
     if profile:                                   # where one step's device time goes
-        from torch.profiler import ProfilerActivity, profile as prof
-        with prof(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
-            train_step(net, opt, sched, ema, [batch], cfg, gen); sync()
-        print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25,
-                                     max_name_column_width=70), flush=True)
+        from bench.common import op_tables
+        print(op_tables(lambda: train_step(net, opt, sched, ema, [batch], cfg, gen), ("cuda_time_total",)), flush=True)
     # (a DTensor's numel is the global one, so the parameter count below is the whole model's on any number of ranks)
     toks, sq = batch.sequence_length, sum(n * n for n in batch.sample_lens)
     tflops = train_flops(net.config.llm, toks, sq) / dt / 1e12            # per rank

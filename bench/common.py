@@ -24,6 +24,26 @@ def sync():
     import torch
     if torch.cuda.is_available(): torch.cuda.synchronize()
 
+def timed_peak(fn) -> tuple:  # -> (seconds, peak GiB, result)
+    "One warm-up call, then one timed call with the device synchronised; peak GPU memory of the timed call (0 on CPU)."
+    import torch
+    cuda = torch.cuda.is_available()
+    fn(); sync()
+    if cuda: torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter(); out = fn(); sync()
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, out
+
+def op_tables(fn, sorts: tuple = ("self_cuda_time_total",), rows: int = 25) -> str:
+    "Run `fn` (then sync) under torch.profiler (CPU, and CUDA when present); its op table sorted by each of `sorts`."
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
+        fn(); sync()
+    ka = p.key_averages()
+    return "\n".join(ka.table(sort_by=s if cuda or "cuda" not in s else "self_cpu_time_total", row_limit=rows,
+                               max_name_column_width=70) for s in sorts)
+
 def timeit(fn, warmup: int = 2, iters: int = 5) -> float:
     "Median seconds of `fn()` after `warmup` calls, device synchronised around each call."
     for _ in range(warmup): fn()
