@@ -42,6 +42,9 @@ class RecipeConfig:
     cfg_text_scale: float = 4.0
     timestep_shift: float = 1.0       # sampling shift; 1 matches the training draw of t (train.timestep_shift 1) at 16 tokens/image
     num_workers: int = 0              # DataLoader worker processes reading and packing (0: in the training process)
+    text_cond_dropout_prob: float = 0.1   # CFG condition dropout of the packer (bagel.packing.PackConfig; trainer defaults)
+    vit_cond_dropout_prob: float = 0.3
+    vae_cond_dropout_prob: float = 0.3
     model: dict = field(default_factory=dict)  # overrides of BagelConfig.shapesworld(): `llm:`/`vit:` field dicts, other fields
     train: dict = field(default_factory=lambda: dict(
         lr=1e-3, warmup_steps=50, total_steps=800, lr_scheduler="cosine", min_lr=1e-4, ema=0.99, log_every=25,
@@ -110,6 +113,8 @@ def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_si
     tcfg = cfg.train_config()
     pack = PackConfig.from_model(cfg.model_config(), expected_num_tokens=cfg.expected_num_tokens, max_num_tokens=cfg.max_num_tokens,
                                  max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
+                                 text_cond_dropout_prob=cfg.text_cond_dropout_prob, vit_cond_dropout_prob=cfg.vit_cond_dropout_prob,
+                                 vae_cond_dropout_prob=cfg.vae_cond_dropout_prob,
                                  pad_to_max=tcfg.attn_backend == "flex")   # one sequence length, one compiled kernel
     ds = PackedDataset(DataMix.from_yaml(mix), tokenizer, pack, rank=rank, world_size=world_size, data_seed=tcfg.data_seed)
     # on a GPU the pin thread pins each pack, so the step's host-to-device copies neither copy nor block
