@@ -36,6 +36,8 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-15
     weight_decay: float = 0.0
+    fused_adamw: bool = False             # AdamW as one fused kernel per device and dtype (torch's `fused=True`) instead of
+                                          # `foreach` (a 7B-width step's foreach AdamW took 11% of its device time)
     lr_scheduler: str = "constant"        # "constant" (linear warm-up, then flat) | "cosine" (warm-up, cosine to min_lr)
     warmup_steps: int = 2000
     min_lr: float = 1e-7
@@ -206,7 +208,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple:  # -> (AdamW, L
     "AdamW over the parameters that require grad, and its LambdaLR schedule."
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ValueError("no trainable parameters: every branch is frozen (freeze_llm/freeze_vit/freeze_und)")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    impl = dict(fused=True) if cfg.fused_adamw else {}
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, cfg))
 
 # %% ../nbs/30_train_fsdp.ipynb #a465f72e
