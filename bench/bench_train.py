@@ -90,7 +90,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=6, help="VLM + T2I sample pairs per pack (7b: ~2.8k tokens each)")
     ap.add_argument("--attn", choices=["sdpa", "flex", "grouped"], default="grouped" if torch.cuda.is_available() else "sdpa",
-                    help="GPU default grouped: 32.3%% MFU against flex's 25.5%% at 8 layers on an H200 (bench/RESULTS.md)")
+                    help="GPU default grouped: 32.3%% MFU at 8 layers on an H200 (25b2c70); flex had 25.5%% (e6f73d6; bench/RESULTS.md)")
     ap.add_argument("--no-ac", action="store_true", help="turn activation checkpointing off")
     ap.add_argument("--fused-adamw", action="store_true", help="AdamW as torch's fused kernel (TrainConfig.fused_adamw)")
     ap.add_argument("--profile", action="store_true", help="print a profiler table of one step")
