@@ -657,14 +657,19 @@ def write_shapesworld(root,                         # folder to write into (crea
                       absolute_paths: bool = False, # write absolute paths (default: relative to root)
                       overwrite: bool = False,      # replace an existing ShapesWorld in root
                       workers: int = 1,             # processes rendering files in parallel (same bytes for any number)
-                      vit_size: int | None = None) -> dict:  # the ViT side in mix.yaml (vit_side); None: nearest multiple of 14
+                      vit_size: int | None = None,  # the ViT side in mix.yaml (vit_side); None: nearest multiple of 14
+                      weights=(1.0, 1.0, 1.0)) -> dict:  # mix.yaml sampling weights of the T2I, edit and VLM groups
     "Write the T2I, edit and VLM sources plus dataset_info.yaml and mix.yaml; return their paths."
     import pyarrow.parquet as pq
     from concurrent.futures import ProcessPoolExecutor
     for name, v in (("n_t2i", n_t2i), ("n_edit", n_edit), ("n_vlm", n_vlm), ("rows_per_file", rows_per_file), ("row_group_size", row_group_size),
                     ("workers", workers)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    render(Scene(), size); vit_side(size, vit_size)                # validate size and vit_size before writing anything
+    render(Scene(), size); vit_side(size, vit_size)                # validate size, vit_size and weights before writing anything
+    try: weights = tuple(float(w) for w in weights)
+    except (TypeError, ValueError): raise TypeError(f"weights must be three numbers (t2i, edit, vlm), got {weights!r}") from None
+    if len(weights) != 3 or min(weights) < 0 or not sum(weights) > 0:
+        raise ValueError(f"weights must be three numbers >= 0 (t2i, edit, vlm), not all 0, got {weights!r}")
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     if (taken := [p for p in _OWNED if (root / p).exists()]) and not overwrite:
         raise FileExistsError(f"{root} already holds {taken}: pass overwrite=True to replace them, or write elsewhere")
@@ -686,7 +691,7 @@ def write_shapesworld(root,                         # folder to write into (crea
         note = "# ShapesWorld registry (spec §6.2). " + ("Paths are absolute.\n" if absolute_paths else "Paths are relative to this file's folder.\n")
         (stage / "dataset_info.yaml").write_text(note + yaml.safe_dump(registry, sort_keys=False))
         (stage / "mix.yaml").write_text("# ShapesWorld training mix (spec §6.1); datasets in dataset_info.yaml\n"
-                                        + yaml.safe_dump(mix_config(size, len(t2i), len(edit), n_vlm, vit_size=vit_size), sort_keys=False))
+                                        + yaml.safe_dump(mix_config(size, len(t2i), len(edit), n_vlm, weights, vit_size), sort_keys=False))
         for p in _OWNED:
             if (root / p).is_dir(): shutil.rmtree(root / p)
             os.replace(stage / p, root / p)
