@@ -180,7 +180,9 @@ def round_trip_agreement(fn: Callable,       # renders [b, 3, H, W] in [-1, 1] -
     return ok / max(1, len(scenes))
 
 @torch.no_grad()
-def vae_ceiling(cfg: RecipeConfig, base: Path, n: int | None = None) -> float:
+def vae_ceiling(cfg: RecipeConfig,
+                vae,                        # an AutoEncoder, or a model dir holding the recipe's ae.safetensors
+                n: int | None = None) -> float:
     "Share of `n` held-out scenes (default `bench_n`) the judge reads exactly after the recipe VAE's encode -> decode."
     # Every generated or edited image leaves through this decoder: when its round trip already loses shapes, the T2I and
     # edit scores are held down by the VAE, whatever the decoder-only model learns (T2I specs name fewer objects than a
@@ -188,11 +190,15 @@ def vae_ceiling(cfg: RecipeConfig, base: Path, n: int | None = None) -> float:
     from bagel.checkpoint import AE_WEIGHTS, assign_from_file
     from bagel.shapesworld import heldout
     from bagel.vae import AutoEncoder
-    dev = _device()
-    with torch.device("meta"): vae = AutoEncoder(cfg.model_config().vae)
-    assign_from_file(vae, base / AE_WEIGHTS, torch.float32, dev)
+    if isinstance(vae, AutoEncoder): dev = next(vae.parameters()).device
+    else:
+        base, dev = Path(vae), _device()
+        with torch.device("meta"): vae = AutoEncoder(cfg.model_config().vae)
+        assign_from_file(vae, base / AE_WEIGHTS, torch.float32, dev)
     scenes = [x["scene"] for x in heldout(n or cfg.bench_n, "vqa", seed=cfg.seed + 3)]
-    return round_trip_agreement(lambda x: vae.eval().decoder(vae.encode_moments(x.to(dev))[0]), scenes, cfg.size)
+    was = vae.training
+    try: return round_trip_agreement(lambda x: vae.eval().decoder(vae.encode_moments(x.to(dev))[0]), scenes, cfg.size)
+    finally: vae.train(was)
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #9e4f616f
 def _inferencer(model, cfg: RecipeConfig):

@@ -237,3 +237,12 @@ def test_bench_speed_and_recipe_smoke_on_cpu(tmp_path):
                        "--packs", "2", "--steps", "1", "--out", str(tmp_path / "r"), "--results", str(tmp_path / "R.md")])
     assert row[0] == "shapesworld_cpu.yaml" and row[-3] in ("data", "device")
     assert "data pipeline vs device step" in (tmp_path / "R.md").read_text()
+
+def test_bench_vae_smoke_on_cpu(tmp_path):
+    "bench/bench_vae.py on the CPU config: a fresh VAE per step count, scored by the judge's round trip, one table appended."
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_vae import main
+    rows = main(["--config", str(ROOT / "configs" / "shapesworld_cpu.yaml"), "--steps", "2", "--batch-size", "2", "--n", "3",
+                 "--results", str(tmp_path / "R.md")])
+    assert [r[1] for r in rows] == [2] and rows[0][5] == 3 and 0 <= rows[0][6] <= 1
+    assert "round-trip ceiling" in (tmp_path / "R.md").read_text()
