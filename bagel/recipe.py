@@ -16,8 +16,8 @@ from .shapesworld import vit_side
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['RecipeConfig', 'make_base_dir', 'make_data', 'packed_data', 'train_bagel', 'round_trip_agreement', 'vae_ceiling',
-           'evaluate', 'evaluate_step_cache', 'samples', 'run_shapesworld']
+__all__ = ['RecipeConfig', 'train_recipe_vae', 'make_base_dir', 'make_data', 'packed_data', 'train_bagel', 'round_trip_agreement',
+           'vae_ceiling', 'evaluate', 'evaluate_step_cache', 'samples', 'run_shapesworld']
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #26204328
 @dataclass
@@ -87,20 +87,32 @@ class RecipeConfig:
         return TrainConfig.from_dict({**self.train, "results_dir": str(out / "run"), "checkpoint_dir": str(out / "run" / "checkpoints")})
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #cb403255
+def train_recipe_vae(cfg: RecipeConfig, steps: int | None = None, batch_size: int | None = None, log=print) -> tuple:
+    "(VAE, history of (step, recon, kl)): a fresh, seeded recipe VAE trained on renders (default: `vae_steps` at `vae_batch_size`) on this rank's device."
+    from bagel.vae import AutoEncoder
+    from bagel.vae_train import VAETrainConfig, train_vae
+    torch.manual_seed(cfg.seed)
+    vae = AutoEncoder(cfg.model_config().vae)
+    hist = train_vae(vae, VAETrainConfig(steps=steps or cfg.vae_steps, batch_size=batch_size or cfg.vae_batch_size,
+                                         image_size=cfg.size, seed=cfg.seed), log=log, device=_device())
+    return vae.eval(), hist
+
+def _load_vae(cfg: RecipeConfig, base: Path):
+    "The VAE of the model dir `base`, in fp32 on this rank's device."
+    from bagel.checkpoint import AE_WEIGHTS, assign_from_file
+    from bagel.vae import AutoEncoder
+    with torch.device("meta"): vae = AutoEncoder(cfg.model_config().vae)
+    assign_from_file(vae, Path(base) / AE_WEIGHTS, torch.float32, _device())
+    return vae.eval()
+
 def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
     "A model dir with the ShapesWorld model's configs, a tokenizer, and a VAE trained on renders."
     from bagel.checkpoint import AE_WEIGHTS, save_file_atomic
     from bagel.testing import write_tiny_checkpoint
-    from bagel.vae import AutoEncoder
-    from bagel.vae_train import VAETrainConfig, train_vae
     base = Path(cfg.out) / "base"
     if (base / "DONE").exists(): return base
     write_tiny_checkpoint(base, cfg=cfg.model_config(), seed=cfg.seed)   # configs, tokenizer, (unused) weights
-    torch.manual_seed(cfg.seed)
-    vae = AutoEncoder(cfg.model_config().vae)
-    train_vae(vae, VAETrainConfig(steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, image_size=cfg.size, seed=cfg.seed),
-              log=log, device=_device())
-    save_file_atomic(vae.eval().cpu().state_dict(), base / AE_WEIGHTS)
+    save_file_atomic(train_recipe_vae(cfg, log=log)[0].cpu().state_dict(), base / AE_WEIGHTS)
     (base / "DONE").write_text("ok\n")
     return base
 
@@ -144,23 +156,20 @@ def _share_cores(num_workers: int, log=print):
 
 def train_bagel(cfg: RecipeConfig, base: Path, mix: Path, log=print):
     "Train the recipe's model from a seeded init on the packed mix; returns the TrainResult."
-    from bagel.checkpoint import AE_WEIGHTS, assign_from_file, load_tokenizer
+    from bagel.checkpoint import load_tokenizer
     from bagel.train import train
-    from bagel.vae import AutoEncoder
     tcfg, bcfg, tok = cfg.train_config(), cfg.model_config(), load_tokenizer(base)
     data = lambda rank, world: packed_data(cfg, mix, tok, rank, world)   # resume state travels per worker
-    with torch.device("meta"): vae = AutoEncoder(bcfg.vae)
-    assign_from_file(vae, base / AE_WEIGHTS, torch.float32, _device())   # the VAE encodes on the training device
+    vae = _load_vae(cfg, base)                                         # the VAE encodes on the training device
     _share_cores(cfg.num_workers, log)
     def show(step, rec):     # without a progress bar (logs, batch jobs): one line per logged step
         if "tokens_per_s" in rec and not tcfg.progress:
             log(f"step {step}: loss {rec['loss']:.4f} (ce {rec['ce']:.3f}, mse {rec['mse']:.3f}), {rec['tokens_per_s']:,.0f} tokens/s, "
                 f"{100 * rec['data_wait']:.0f}% waiting for data")
-    return train(tcfg, bcfg, data, vae=vae.eval().requires_grad_(False), callbacks=(show,))
+    return train(tcfg, bcfg, data, vae=vae.requires_grad_(False), callbacks=(show,))
 
 def _device() -> str:
     "This rank's device: its GPU (LOCAL_RANK) when there is one, else the CPU."
-    import os
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #27e23743
@@ -187,17 +196,13 @@ def vae_ceiling(cfg: RecipeConfig,
     # Every generated or edited image leaves through this decoder: when its round trip already loses shapes, the T2I and
     # edit scores are held down by the VAE, whatever the decoder-only model learns (T2I specs name fewer objects than a
     # scene, so they are a loose ceiling, not a strict one).
-    from bagel.checkpoint import AE_WEIGHTS, assign_from_file
     from bagel.shapesworld import heldout
     from bagel.vae import AutoEncoder
-    if isinstance(vae, AutoEncoder): dev = next(vae.parameters()).device
-    else:
-        base, dev = Path(vae), _device()
-        with torch.device("meta"): vae = AutoEncoder(cfg.model_config().vae)
-        assign_from_file(vae, base / AE_WEIGHTS, torch.float32, dev)
+    if not isinstance(vae, AutoEncoder): vae = _load_vae(cfg, vae)
+    dev, was = next(vae.parameters()).device, vae.training
     scenes = [x["scene"] for x in heldout(n or cfg.bench_n, "vqa", seed=cfg.seed + 3)]
-    was = vae.training
-    try: return round_trip_agreement(lambda x: vae.eval().decoder(vae.encode_moments(x.to(dev))[0]), scenes, cfg.size)
+    vae.eval()   # the model's own path: the mean latent (no sampling), scaled and shifted, decoded
+    try: return round_trip_agreement(lambda x: vae.decode(vae.encode(x.to(dev), sample=False)), scenes, cfg.size)
     finally: vae.train(was)
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #9e4f616f

@@ -16,15 +16,10 @@ import torch
 COLUMNS = ["config", "VAE steps", "batch", "seconds", "recon MSE (last 10 steps)", "held-out scenes", "read exactly"]
 
 def bench(cfg, steps: int, batch_size: int, n: int) -> list:
-    from bagel.recipe import _device, vae_ceiling
-    from bagel.vae import AutoEncoder
-    from bagel.vae_train import VAETrainConfig, train_vae
-    torch.manual_seed(cfg.seed)
-    vae = AutoEncoder(cfg.model_config().vae)
+    from bagel.recipe import train_recipe_vae, vae_ceiling
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     t0 = time.perf_counter()
-    hist = train_vae(vae, VAETrainConfig(steps=steps, batch_size=batch_size, image_size=cfg.size, seed=cfg.seed), log=None,
-                     device=_device())
+    vae, hist = train_recipe_vae(cfg, steps, batch_size, log=None)
     sync(); secs = time.perf_counter() - t0
     recon = sum(r for _, r, _ in hist[-10:]) / len(hist[-10:])
     return [steps, batch_size, round(secs, 1), round(recon, 4), n, round(vae_ceiling(cfg, vae, n), 3)]
