@@ -34,6 +34,7 @@ class RecipeConfig:
     seed: int = 0
     vae_steps: int = 250
     vae_batch_size: int = 16
+    vae_weights: str | None = None    # an ae.safetensors of this config's VAE trained elsewhere (e.g. `bench_vae --save`): used, not trained
     expected_num_tokens: int = 960    # packing budget per training step
     max_num_tokens: int = 1024
     bench_n: int = 24                 # ShapesWorld-Bench size (T2I prompts and questions; edits n // 2)
@@ -47,7 +48,7 @@ class RecipeConfig:
     vit_cond_dropout_prob: float = 0.3
     vae_cond_dropout_prob: float = 0.3
     mix_weights: tuple = (1.0, 1.0, 1.0)  # sampling weights of the T2I, edit and VLM groups (applied when training reads the mix)
-    model: dict = field(default_factory=dict)  # overrides of BagelConfig.shapesworld(): `llm:`/`vit:` field dicts, other fields
+    model: dict = field(default_factory=dict)  # overrides of BagelConfig.shapesworld(): `llm:`/`vit:`/`vae:` field dicts, other fields
     train: dict = field(default_factory=lambda: dict(
         lr=1e-3, warmup_steps=50, total_steps=800, lr_scheduler="cosine", min_lr=1e-4, ema=0.99, log_every=25,
         save_every=200, auto_resume=True, sharding_strategy="NO_SHARD", num_shard=None, mixed_precision="fp32",
@@ -76,11 +77,13 @@ class RecipeConfig:
             side = vit_side(self.size, self.vit_size)
             base = replace(base, vit=replace(base.vit, image_size=side), vit_max_num_patch_per_side=side // base.vit.patch_size)
         try:
-            llm, vit = replace(base.llm, **d.pop("llm", None) or {}), replace(base.vit, **d.pop("vit", None) or {})
-            return replace(base, llm=llm, vit=vit, **d)
+            subs = {k: replace(getattr(base, k), **{f: tuple(v) if isinstance(v, list) else v      # YAML lists: tuples
+                                                    for f, v in (d.pop(k, None) or {}).items()})
+                    for k in ("llm", "vit", "vae")}
+            return replace(base, **subs, **d)
         except TypeError as e:
-            raise ValueError(f"recipe `model:` has a key the model configs do not know ({e}); use `llm:` / `vit:` sub-dicts "
-                             f"of LLMConfig / ViTConfig fields, or BagelConfig fields") from None
+            raise ValueError(f"recipe `model:` has a key the model configs do not know ({e}); use `llm:` / `vit:` / `vae:` "
+                             f"sub-dicts of LLMConfig / ViTConfig / VAEConfig fields, or BagelConfig fields") from None
 
     def train_config(self) -> TrainConfig:
         out = Path(self.out)
@@ -97,12 +100,13 @@ def train_recipe_vae(cfg: RecipeConfig, steps: int | None = None, batch_size: in
                                          image_size=cfg.size, seed=cfg.seed), log=log, device=_device())
     return vae.eval(), hist
 
-def _load_vae(cfg: RecipeConfig, base: Path):
-    "The VAE of the model dir `base`, in fp32 on this rank's device."
+def _load_vae(cfg: RecipeConfig, base: Path, name: str | None = None):
+    "The VAE of the model dir `base` (its file `name`, default ae.safetensors), in fp32 on this rank's device."
     from bagel.checkpoint import AE_WEIGHTS, assign_from_file
     from bagel.vae import AutoEncoder
     with torch.device("meta"): vae = AutoEncoder(cfg.model_config().vae)
-    assign_from_file(vae, Path(base) / AE_WEIGHTS, torch.float32, _device())
+    assign_from_file(vae, Path(base) / (name or AE_WEIGHTS), torch.float32, _device(),
+                     hint="the file must hold a VAE of the recipe's VAE config (BagelConfig.shapesworld(), `model: vae:`)")
     return vae.eval()
 
 def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
@@ -112,7 +116,15 @@ def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
     base = Path(cfg.out) / "base"
     if (base / "DONE").exists(): return base
     write_tiny_checkpoint(base, cfg=cfg.model_config(), seed=cfg.seed)   # configs, tokenizer, (unused) weights
-    save_file_atomic(train_recipe_vae(cfg, log=log)[0].cpu().state_dict(), base / AE_WEIGHTS)
+    if cfg.vae_weights:                # trained elsewhere: checked against this config's VAE before it is used
+        src = Path(cfg.vae_weights)
+        if not src.is_file(): raise FileNotFoundError(f"vae_weights: {src} does not exist; train one with "
+                                                      "`python -m bench.bench_vae --save DIR` or remove the key to train it here")
+        vae = _load_vae(cfg, src.parent, src.name)
+        if log: log(f"VAE: {src} (not trained here)")
+    else:
+        vae = train_recipe_vae(cfg, log=log)[0]
+    save_file_atomic(vae.cpu().state_dict(), base / AE_WEIGHTS)
     (base / "DONE").write_text("ok\n")
     return base
 

@@ -243,6 +243,20 @@ def test_bench_vae_smoke_on_cpu(tmp_path):
     sys.path.insert(0, str(ROOT))
     from bench.bench_vae import main
     rows = main(["--config", str(ROOT / "configs" / "shapesworld_cpu.yaml"), "--steps", "2", "--batch-size", "2", "--n", "3",
-                 "--results", str(tmp_path / "R.md")])
-    assert [r[1] for r in rows] == [2] and rows[0][5] == 3 and 0 <= rows[0][6] <= 1
+                 "--vae-ch", "32", "64", "--save", str(tmp_path / "vaes"), "--results", str(tmp_path / "R.md")])
+    assert [r[1:3] for r in rows] == [[32, 2], [64, 2]] and rows[0][6] == 3 and 0 <= rows[0][7] <= 1
     assert "round-trip ceiling" in (tmp_path / "R.md").read_text()
+    # a saved VAE is the recipe's `vae_weights:`: used as is, and refused by a recipe whose VAE differs
+    from bagel.checkpoint import AE_WEIGHTS, CheckpointError
+    from bagel.recipe import RecipeConfig, make_base_dir
+    from safetensors.torch import load_file
+    saved = tmp_path / "vaes" / "ae_ch64_2.safetensors"
+    cfg = RecipeConfig.from_yaml(ROOT / "configs" / "shapesworld_cpu.yaml")
+    good = replace(cfg, out=str(tmp_path / "good"), vae_weights=str(saved), model={"vae": {"ch": 64}})
+    base = make_base_dir(good, log=None)
+    a, b = load_file(saved), load_file(base / AE_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="recipe's VAE config"):
+        make_base_dir(replace(good, out=str(tmp_path / "bad"), model={}), log=None)
+    with pytest.raises(FileNotFoundError, match="bench_vae --save"):
+        make_base_dir(replace(good, out=str(tmp_path / "none"), vae_weights=str(tmp_path / "no.safetensors")), log=None)
