@@ -18,7 +18,7 @@ from .distributed import (all_reduce_sum, export_ema, get_rank, get_world_size, 
                                is_complete, latest_checkpoint, load_checkpoint, load_weights_, make_mesh, parallelize,
                                save_checkpoint, SHARDING, _copy_full_, _full)
 from .model import Bagel, BagelConfig, PackedBatch, TrainOutput
-from .mot import ATTN_BACKENDS, LLMConfig, copy_und_to_gen_
+from .mot import ATTN_BACKENDS, LLMConfig, copy_und_to_gen_, to_device
 from .testing import toy_packed_batch
 
 # %% auto #0
@@ -179,11 +179,11 @@ def reduce_losses(out: TrainOutput, batch: PackedBatch, cfg: TrainConfig,
     zero = lambda t: (t.sum() * 0.0).float() if t is not None else torch.zeros((), device=None if ref is None else ref.device)
     ce = zero(out.ce_logits)
     if out.ce_logits is not None and n_ce > 0:
-        labels = batch.packed_label_ids.to(out.ce_logits.device)
+        labels = to_device(batch.packed_label_ids, out.ce_logits.device)    # pinned, non-blocking: no host sync
         if labels.shape[0] != out.ce_logits.shape[0]:
             raise ValueError(f"{out.ce_logits.shape[0]} CE positions but {labels.shape[0]} packed_label_ids")
         tok = F.cross_entropy(out.ce_logits.float(), labels, reduction="none")                 # [Nce]
-        if cfg.ce_loss_reweighting: tok = tok * batch.ce_loss_weights.to(tok.device).float()
+        if cfg.ce_loss_reweighting: tok = tok * to_device(batch.ce_loss_weights, tok.device).float()
         ce = tok.sum() * W / n_ce
     mse = zero(out.velocity_pred)
     if out.velocity_pred is not None and n_mse > 0:
@@ -342,7 +342,8 @@ def train_step(model: Bagel, opt, sched, ema: EMA, batches: list, cfg: TrainConf
     lr = opt.param_groups[0]["lr"]
     opt.step(); sched.step(); ema.update(model, sched.last_epoch); opt.zero_grad(set_to_none=True)
     ce, mse = all_reduce_sum(acc) / W
-    rec = dict(loss=cfg.ce_weight * ce + cfg.mse_weight * mse, ce=ce, mse=mse, lr=lr, grad_norm=_full(norm))
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()   # on the device: `sync` decides
+    rec = dict(loss=cfg.ce_weight * ce + cfg.mse_weight * mse, ce=ce, mse=mse, lr=lr, grad_norm=norm)
     return _synced(rec) if sync else rec
 
 def _synced(rec: dict) -> dict:

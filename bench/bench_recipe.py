@@ -6,6 +6,7 @@ memory (VAE encode + forward_train + backward + clip + AdamW + EMA), after the c
 slower of the two. `--profile` adds a torch.profiler table of the step (top ops by device and by host time).
 
     python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --workers 12          # one GPU
+    python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --tokens 16384          # smaller packs
     python -m bench.bench_recipe --config configs/shapesworld_cpu.yaml --workers 0 --steps 2  # CPU smoke run
 """
 import argparse, itertools, tempfile, time
@@ -72,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=4000, help="ShapesWorld samples per source to write for the run")
     ap.add_argument("--packs", type=int, default=30, help="packs timed for the data rate")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per pack (expected = max; default: the config's)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--data-only", action="store_true", help="time the data pipeline only (no model, no table row)")
     ap.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -85,6 +87,7 @@ def main(argv=None):
     workers = cfg.num_workers if a.workers is None else a.workers
     out = a.out or Path(tempfile.mkdtemp(prefix="bench_recipe-"))
     cfg = replace(cfg, out=str(out), n_t2i=a.samples, n_edit=a.samples // 2, n_vlm=a.samples, num_workers=workers)
+    if a.tokens: cfg = replace(cfg, expected_num_tokens=a.tokens, max_num_tokens=a.tokens)
     t0 = time.perf_counter(); mix = make_data(cfg)
     print(f"data written in {time.perf_counter() - t0:.1f} s ({workers} processes)", flush=True)
     tok = load_tokenizer(write_tiny_tokenizer(out / "tok", vocab_size=cfg.model_config().llm.vocab_size))

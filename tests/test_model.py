@@ -108,3 +108,30 @@ def test_packed_batch_to_moves_every_tensor():
     m = b.to("meta")
     assert all(t.device.type == "meta" for t in vars(m).values() if isinstance(t, torch.Tensor))
     assert m.sample_lens is b.sample_lens and b.packed_text_ids.device.type == "cpu"   # a copy; the original stays
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_inference_velocity_equals_training_forward(task):
+    "The prefix cache + Bagel.velocity predict what forward_train predicts for the same packed sample, noise and time."
+    from bagel.packing import PackConfig, PlanItem, Sample, pack_samples
+    from bagel.vae import AutoEncoder, patchify_latent
+    model = _model().eval(); cfg = model.config
+    vae = init_random_(AutoEncoder(cfg.vae), torch.Generator().manual_seed(1)).eval()
+    g = torch.Generator().manual_seed(2)
+    S, V = 2 * cfg.latent_downsample, 2 * cfg.vit.patch_size
+    target, source, vit = (torch.rand(3, s, s, generator=g) * 2 - 1 for s in (S, S, V))
+    ids = [5, 6, 7, 8]
+    text = PlanItem("text", ids=ids, enable_cfg=True)
+    items = [text, PlanItem("vae_image", image=target, loss=True)]
+    if task == "edit": items = [PlanItem("vae_image", image=source, enable_cfg=True), PlanItem("vit_image", image=vit, enable_cfg=True)] + items
+    pc = PackConfig.from_model(cfg, text_cond_dropout_prob=0, vit_cond_dropout_prob=0, vae_cond_dropout_prob=0)
+    b = pack_samples([Sample(items, "k")], pc).encode_images(vae, sample=False)
+    with torch.no_grad(): out = model.forward_train(b, generator=torch.Generator().manual_seed(3))
+    x0 = patchify_latent(b.padded_latent[-1], cfg.latent_patch_size).float()
+    t = shift_timesteps(torch.sigmoid(b.packed_timesteps[torch.isfinite(b.packed_timesteps)][:1]), cfg.timestep_shift)
+    x_t = (1 - t) * x0 + t * (out.velocity_target + x0)            # the target is eps - x0
+    ctx = model.new_context()
+    if task == "edit": model.extend_vae([ctx], [b.padded_latent[0]]); model.extend_vit([ctx], [vit])
+    model.extend_text([ctx], [model.text_block(ids)])
+    v = model.velocity([ctx], [x_t], t, [(S // cfg.latent_downsample,) * 2])[0]
+    assert v.abs().mean() > 1e-3
+    torch.testing.assert_close(v, out.velocity_pred, atol=1e-5, rtol=1e-4)

@@ -234,8 +234,8 @@ def test_bench_speed_and_recipe_smoke_on_cpu(tmp_path):
     text = (tmp_path / "R.md").read_text()
     assert "speed suite" in text and "| t2i512 |" in text and "| und |" in text and "SMOKE RUN" in text
     row = recipe_main(["--config", str(ROOT / "configs" / "shapesworld_cpu.yaml"), "--workers", "0", "--samples", "600",
-                       "--packs", "2", "--steps", "1", "--out", str(tmp_path / "r"), "--results", str(tmp_path / "R.md")])
-    assert row[0] == "shapesworld_cpu.yaml" and row[-3] in ("data", "device")
+                       "--packs", "2", "--steps", "1", "--tokens", "800", "--out", str(tmp_path / "r"), "--results", str(tmp_path / "R.md")])
+    assert row[0] == "shapesworld_cpu.yaml" and row[2] == 800 and row[-3] in ("data", "device")
     assert "data pipeline vs device step" in (tmp_path / "R.md").read_text()
 
 def test_bench_vae_smoke_on_cpu(tmp_path):
