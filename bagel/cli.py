@@ -117,12 +117,13 @@ def understand(a) -> str:
                           generator=torch.Generator().manual_seed(a.seed))[0]
 
 # %% ../nbs/90_cli.ipynb #b5748a7b
-def train_from_config(config: str | Path, out: str | None = None) -> str:
+def train_from_config(config: str | Path, out: str | None = None,
+                      overrides: list | tuple = ()) -> str:  # KEY=VALUE strings applied to the YAML (`--set`)
     "The training stages of a recipe YAML (rank 0 prepares data and VAE; every rank trains); returns the model dir."
     import os
     from bagel.distributed import export_ema, latest_checkpoint
     from bagel.recipe import RecipeConfig, make_base_dir, make_data, train_bagel
-    cfg = RecipeConfig.from_yaml(config)
+    cfg = RecipeConfig.from_yaml(config, overrides)
     if out: cfg = replace(cfg, out=out)
     rank = int(os.environ.get("RANK", 0))
     ready = Path(cfg.out) / "prepared"
@@ -138,21 +139,28 @@ def train_from_config(config: str | Path, out: str | None = None) -> str:
     if rank != 0: return ""
     return str(export_ema(latest_checkpoint(cfg.train_config().ckpt_dir), Path(cfg.out) / "model", model_dir=paths["base"]))
 
-def demo(config: str | Path | None = None, out: str | None = None) -> dict:
+def demo(config: str | Path | None = None, out: str | None = None,
+         overrides: list | tuple = ()) -> dict:  # KEY=VALUE strings applied to the config (`--set`)
     "The main job: the ShapesWorld recipe end to end (defaults: the CPU config)."
     from bagel.recipe import RecipeConfig, run_shapesworld
-    cfg = RecipeConfig.from_yaml(config) if config else RecipeConfig()
+    cfg = RecipeConfig.from_yaml(config, overrides) if config else RecipeConfig.from_dict({}, overrides)
     return run_shapesworld(replace(cfg, out=out) if out else cfg)
 
 # %% ../nbs/90_cli.ipynb #b5c539ad
+def _set_arg(s):
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value (repeatable; dotted keys, YAML values): "
+                        "--set train.lr=1e-3 --set expected_num_tokens=32768 --set model.llm.hidden_size=768")
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bagel", description="bagel: a research workbench for BAGEL")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("demo", help="the main job: ShapesWorld data -> VAE -> train BAGEL -> sample -> score")
     s.add_argument("--config", default=None, help="recipe YAML (default: the CPU recipe, configs/shapesworld_cpu.yaml)")
     s.add_argument("--out", default=None, help="output folder (default: the config's)")
+    _set_arg(s)
     s = sub.add_parser("train", help="train from a recipe YAML (here, or via submitit)")
-    s.add_argument("--config", required=True); s.add_argument("--out", default=None)
+    s.add_argument("--config", required=True); s.add_argument("--out", default=None); _set_arg(s)
     s.add_argument("--launch", choices=["here", "debug", "local", "slurm"], default="here")
     s.add_argument("--nodes", type=int, default=1); s.add_argument("--tasks-per-node", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=0); s.add_argument("--partition", default=None)
@@ -196,17 +204,17 @@ def main(argv: list | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
         if a.cmd == "demo":
-            rep = demo(a.config, a.out)
+            rep = demo(a.config, a.out, a.overrides)
             print(json.dumps({k: rep[k] for k in ("seconds", "steps", "metrics")}, indent=2))
             print(f"wrote {Path(rep['model_dir']).parent / 'report.md'}")
         elif a.cmd == "smoke":
             rep = smoke(a.out, seed=a.seed, steps=a.steps)
             print(json.dumps(rep, indent=2)); print(f"wrote {Path(a.out) / 'report.json'}")
         elif a.cmd == "train":
-            if a.launch == "here": print(train_from_config(a.config, a.out))
+            if a.launch == "here": print(train_from_config(a.config, a.out, a.overrides))
             else:
                 from bagel.launch import LaunchConfig, launch
-                job = launch(train_from_config, a.config, a.out, cfg=LaunchConfig(
+                job = launch(train_from_config, a.config, a.out, a.overrides, cfg=LaunchConfig(
                     cluster=a.launch, nodes=a.nodes, tasks_per_node=a.tasks_per_node, gpus_per_node=a.gpus_per_node,
                     partition=a.partition, timeout_min=a.timeout_min, folder="runs/submitit", job_name="bagel-train"))
                 print(f"submitted job {job.job_id}; logs in runs/submitit/{job.job_id}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #c6809a37
 from __future__ import annotations
-import json, os, time
+import copy, json, os, re, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -16,10 +16,29 @@ from .shapesworld import vit_side
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['RecipeConfig', 'train_recipe_vae', 'make_base_dir', 'make_data', 'packed_data', 'train_bagel', 'round_trip_agreement',
-           'vae_ceiling', 'evaluate', 'evaluate_step_cache', 'samples', 'run_shapesworld']
+__all__ = ['apply_overrides', 'RecipeConfig', 'train_recipe_vae', 'make_base_dir', 'make_data', 'packed_data', 'train_bagel',
+           'round_trip_agreement', 'vae_ceiling', 'evaluate', 'evaluate_step_cache', 'samples', 'run_shapesworld']
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #26204328
+def apply_overrides(d: dict,            # a config as nested dicts (a parsed YAML)
+                    overrides=(),       # strings KEY=VALUE: `train.lr=1e-3`, `model.llm.hidden_size=768`, `mix_weights=[2,1,1]`
+                   ) -> dict:           # `d`, changed in place
+    "Set dotted keys of a nested config dict from `KEY=VALUE` strings, each VALUE read as YAML (`1e-3`, `true`, `[2, 1, 1]`)."
+    import yaml
+    for o in overrides:
+        key, sep, val = str(o).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {o!r} is not KEY=VALUE: e.g. train.lr=1e-3 or model.llm.hidden_size=768")
+        *parents, last = key.strip().split(".")
+        node = d
+        for k in parents:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict): raise ValueError(f"override {o!r}: {k!r} holds a value, not a section of keys")
+        v = yaml.safe_load(val)
+        if isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v.strip()): v = float(v)  # YAML 1.1 reads 1e-3 as text
+        node[last] = v
+    return d
+
 @dataclass
 class RecipeConfig:
     "Everything the ShapesWorld recipe needs; `train` holds the TrainConfig fields."
@@ -34,7 +53,8 @@ class RecipeConfig:
     seed: int = 0
     vae_steps: int = 250
     vae_batch_size: int = 16
-    vae_weights: str | None = None    # an ae.safetensors of this config's VAE trained elsewhere (e.g. `bench_vae --save`): used, not trained
+    vae_weights: str | None = None    # an ae.safetensors of this config's VAE trained elsewhere (e.g. `bench_vae --save`): used, not
+                                      # trained; in a YAML, a relative path is relative to the YAML file
     expected_num_tokens: int = 960    # packing budget per training step
     max_num_tokens: int = 1024
     bench_n: int = 24                 # ShapesWorld-Bench size (T2I prompts and questions; edits n // 2)
@@ -61,12 +81,23 @@ class RecipeConfig:
         self.mix_weights = tuple(float(x) for x in w)
 
     @classmethod
-    def from_yaml(cls, path) -> "RecipeConfig":
-        "Read a recipe YAML: top-level recipe keys plus a `train:` section of TrainConfig fields."
+    def from_yaml(cls, path, overrides=()) -> "RecipeConfig":
+        "Read a recipe YAML (top-level recipe keys plus a `train:` section of TrainConfig fields), then apply `overrides`."
         import yaml
         d = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(d, dict): raise ValueError(f"{path} must hold a mapping of recipe keys, got {type(d).__name__}")
+        if isinstance(w := d.get("vae_weights"), str) and not Path(w).is_absolute():   # an input of the config: next to it
+            d["vae_weights"] = str((Path(path).parent / w).resolve())
+        return cls.from_dict(d, overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict, overrides=()) -> "RecipeConfig":
+        "A recipe from a dict like a YAML's, with `KEY=VALUE` overrides (dotted keys, YAML values) applied first."
+        d = apply_overrides(copy.deepcopy(d), overrides)
         known = {f for f in cls.__dataclass_fields__}
         if bad := set(d) - known: raise ValueError(f"unknown recipe keys {sorted(bad)}; valid: {sorted(known)}")
+        if bad := sorted(k for k, v in d.items() if isinstance(v, dict) and k not in ("model", "train")):
+            raise ValueError(f"recipe keys {bad} take a value, not a section of keys (only `model:` and `train:` are sections)")
         train = {**cls().train, **(d.pop("train", None) or {})}
         return cls(**d, train=train)
 

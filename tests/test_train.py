@@ -260,3 +260,12 @@ def test_bench_vae_smoke_on_cpu(tmp_path):
         make_base_dir(replace(good, out=str(tmp_path / "bad"), model={}), log=None)
     with pytest.raises(FileNotFoundError, match="bench_vae --save"):
         make_base_dir(replace(good, out=str(tmp_path / "none"), vae_weights=str(tmp_path / "no.safetensors")), log=None)
+
+def test_shipped_vae_round_trip():
+    "assets/shapesworld_vae_64px.safetensors (the CPU demo's `vae_weights`) loads into the recipe VAE, and the judge still reads its round trip."
+    from bagel.recipe import RecipeConfig, _load_vae, vae_ceiling
+    cfg = RecipeConfig.from_yaml(ROOT / "configs" / "shapesworld_cpu.yaml")
+    path = Path(cfg.vae_weights)                 # relative to the YAML file in it, absolute here
+    assert path == (ROOT / "assets" / "shapesworld_vae_64px.safetensors").resolve()
+    vae = _load_vae(cfg, path.parent, path.name)
+    assert vae_ceiling(cfg, vae, 24) >= 0.75      # 0.833 measured (20 of 24; the assets card); a random VAE reads 0
