@@ -18,8 +18,8 @@ from torch import Tensor, nn
 __all__ = ['LAYER_MODULES', 'ATTN_BACKENDS', 'ATTN_MODES', 'GROUP_TOKENS', 'OVERLAY_FRACTION', 'LLMConfig', 'RMSNorm',
            'RotaryEmbedding', 'rotate_half', 'apply_rope', 'MLP', 'to_device', 'TokenInfo', 'same_seq', 'causal',
            'same_split', 'noise_hidden', 'attn_allowed', 'AttnPlan', 'take_rows', 'packed_attention', 'KVCache',
-           'Routing', 'MoTStep', 'Qwen2MoTAttention', 'Qwen2MoTDecoderLayer', 'Qwen2MoTModel', 'Qwen2MoTForCausalLM',
-           'copy_und_to_gen_']
+           'Routing', 'ExpertOrder', 'MoTStep', 'Qwen2MoTAttention', 'Qwen2MoTDecoderLayer', 'Qwen2MoTModel',
+           'Qwen2MoTForCausalLM', 'copy_und_to_gen_']
 
 # %% ../nbs/00_core_mot.ipynb #b885ccaf
 LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")  # known to BAGEL; only MoT is built here
@@ -588,6 +588,7 @@ class Routing:
     all_gen: bool = False
     major: str | None = None  # overlay mode: 'und' or 'gen', the expert that runs on every row
     back: tuple | None = None  # split mode under autograd: (und_back, und_ok, gen_back, gen_ok, order) for take_rows
+    n_und: int | None = None  # sorted mode: the rows arrive und first (this many), then gen (`ExpertOrder` sorted them)
 
     @classmethod
     def from_mask(cls, is_gen: Tensor | None, device=None,
@@ -615,6 +616,9 @@ class Routing:
         "Apply each expert's function to its tokens (rows of `x`), in token order."
         if self.all_gen: return f_gen(x)
         und = (lambda t: f_und(t).detach()) if detach_und else f_und
+        if self.n_und is not None:                      # sorted: two slices, no gather
+            u, g = x.split([self.n_und, x.shape[0] - self.n_und])
+            return torch.cat([und(u), f_gen(g)])
         if self.und_idx is None: return und(x)
         if self.major is None:                          # split: each expert on its rows, then back in order
             if self.back is None: return torch.cat([und(x[self.und_idx]), f_gen(x[self.gen_idx])])[self.inv]
@@ -630,6 +634,25 @@ class Routing:
         y[idx] = rows.to(y.dtype); return y
 
 @dataclass(frozen=True)
+class ExpertOrder:
+    "One permutation for a whole forward: und tokens first, then gen tokens (each in token order), and its inverse."
+    order: Tensor  # [n] long: the token at each sorted row
+    inv: Tensor    # [n] long: the sorted row of each token
+    n_und: int
+
+    @classmethod
+    def from_mask(cls, is_gen: Tensor, device=None) -> ExpertOrder:
+        "From a bool [n] gen mask with both experts present (on the host: no device sync)."
+        und_idx, gen_idx = (~is_gen).nonzero().squeeze(1), is_gen.nonzero().squeeze(1)
+        order = torch.cat([und_idx, gen_idx])
+        dev = device or is_gen.device
+        return cls(to_device(order, dev), to_device(order.argsort(), dev), len(und_idx))
+
+    def sort(self, t: Tensor) -> Tensor: return take_rows(t, self.order, None, self.inv)     # token order -> expert order
+    def unsort(self, t: Tensor) -> Tensor: return take_rows(t, self.inv, None, self.order)   # expert order -> token order
+    def routing(self) -> Routing: return Routing(n_und=self.n_und)
+
+@dataclass(frozen=True)
 class MoTStep:
     "What every decoder layer needs for one forward."
     cos: Tensor  # [n, d] RoPE tables
@@ -638,6 +661,7 @@ class MoTStep:
     route: Routing
     backend: str = "sdpa"
     freeze_und: bool = False
+    perm: ExpertOrder | None = None  # rows sorted by expert: attention puts them back in token order and re-sorts its output
 
 # %% ../nbs/00_core_mot.ipynb #ae7e05a4
 def _merge_cache(k: Tensor, v: Tensor, plan: AttnPlan, past: list | None):
@@ -676,8 +700,10 @@ class Qwen2MoTAttention(nn.Module):
         k = r(x, self._heads(self.k_proj, self.k_norm), self._heads(self.k_proj_moe_gen, self.k_norm_moe_gen), fz)
         v = r(x, self._heads(self.v_proj, None), self._heads(self.v_proj_moe_gen, None), fz)
         q, k = self.rope(q, step.cos, step.sin), self.rope(k, step.cos, step.sin)  # [n, h, d], [n, h_kv, d]
+        if step.perm is not None: q, k, v = (step.perm.unsort(t) for t in (q, k, v))  # attention runs in token order
         k_all, v_all, merged = _merge_cache(k, v, step.plan, past)
         o = packed_attention(q, k_all, v_all, step.plan, step.backend)  # [n, h, d]
+        if step.perm is not None: o = step.perm.sort(o)
         return r(o.flatten(1), self.o_proj, self.o_proj_moe_gen, fz), merged
 
 # %% ../nbs/00_core_mot.ipynb #02607628
@@ -714,6 +740,7 @@ class Qwen2MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if "Mo" in cfg.layer_module: self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.sort_by_expert = True  # a forward without caches sorts its tokens by expert once (ExpertOrder); False: gathers per routing point
 
 # %% ../nbs/00_core_mot.ipynb #cabbac48
 def _check_forward(m: Qwen2MoTModel, x, position_ids, plan, is_gen, caches, update_cache):
@@ -751,18 +778,24 @@ def forward(
 ) -> Tensor:  # [n, H] final hidden states (und: `norm`, gen: `norm_moe_gen`)
     "The MoT decoder over a packed batch; training and inference alike."
     _check_forward(self, inputs_embeds, position_ids, plan, is_gen, caches, update_cache)
-    if route is None: route = Routing.from_mask(is_gen, inputs_embeds.device)
+    perm, x = None, inputs_embeds
+    if route is None:
+        if caches is None and is_gen is not None and getattr(self, "sort_by_expert", True) and 0 < int(is_gen.sum()) < len(is_gen):
+            perm = ExpertOrder.from_mask(is_gen, x.device)    # training: one permutation, not three gathers per routing point
+            route, x, position_ids = perm.routing(), perm.sort(x), position_ids[perm.order]
+        else: route = Routing.from_mask(is_gen, x.device)
     fz = self.cfg.freeze_und
-    x = route(inputs_embeds, nn.Identity(), nn.Identity(), True) if fz else inputs_embeds  # und inputs detached
+    x = route(x, nn.Identity(), nn.Identity(), True) if fz else x  # und inputs detached
     cos, sin = self.rotary_emb(position_ids, x.dtype)
-    step = MoTStep(cos, sin, plan, route, self.cfg.attn_backend, fz)
+    step = MoTStep(cos, sin, plan, route, self.cfg.attn_backend, fz, perm)
     pending = []
     for i, layer in enumerate(self.layers):
         x, merged = layer(x, step, None if caches is None else [c.layer(i) for c in caches])
         if update_cache: pending.append(merged)
     for i, (ks, vs) in enumerate(pending):  # commit only after a successful forward
         for c, k, v in zip(caches, ks, vs): c.keys[i], c.values[i] = k, v
-    return route(x, self.norm, getattr(self, "norm_moe_gen", self.norm), fz)
+    out = route(x, self.norm, getattr(self, "norm_moe_gen", self.norm), fz)
+    return out if perm is None else perm.unsort(out)
 
 # %% ../nbs/00_core_mot.ipynb #307a6514
 class Qwen2MoTForCausalLM(nn.Module):

@@ -127,7 +127,8 @@ def move_step(step: MoTStep, dev) -> MoTStep:
     r = step.route
     back = None if r.back is None else tuple(_to(t, dev) for t in r.back)
     route = replace(r, und_idx=_to(r.und_idx, dev), gen_idx=_to(r.gen_idx, dev), inv=_to(r.inv, dev), back=back)  # mode kept
-    return replace(step, cos=step.cos.to(dev), sin=step.sin.to(dev), route=route)
+    perm = None if step.perm is None else replace(step.perm, order=_to(step.perm.order, dev), inv=_to(step.perm.inv, dev))
+    return replace(step, cos=step.cos.to(dev), sin=step.sin.to(dev), route=route, perm=perm)
 
 def _pre_hook(dev):
     "A forward pre-hook moving (x, step, past) of a decoder layer to `dev`."

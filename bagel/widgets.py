@@ -220,9 +220,12 @@ class _Capture:
         for layer in self.lm.layers:
             self._hooks += [layer.self_attn.register_forward_pre_hook(self._attn_in),
                             layer.self_attn.register_forward_hook(self._attn_out)]
+        # the traced layers must see tokens in token order (the same values: tests in 00_core_mot)
+        self._sort, self.lm.sort_by_expert = getattr(self.lm, "sort_by_expert", True), False
         return self
     def __exit__(self, *exc):
         for h in self._hooks: h.remove()
+        self.lm.sort_by_expert = self._sort
 
     def _start(self, mod, args, kwargs):
         if self.trace is not None: self._done = True; return

@@ -28,7 +28,7 @@ def data_rate(cfg, mix, tok, n: int) -> tuple:  # -> (packs/s, tokens/s, packs)
     dt = time.perf_counter() - t0
     return n / dt, sum(sum(b.sample_lens) for b in got) / dt, keep + got
 
-def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
+def step_time(cfg, packs: list, steps: int, profile: bool, sort: bool = True) -> dict:
     "Seconds per optimizer step over packs held in memory (cycled), after 3 warm-up steps."
     from bagel.train import EMA, build_model, make_optimizer, model_config, train_step
     from bagel.distributed import make_mesh
@@ -39,6 +39,7 @@ def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     tcfg, bcfg = cfg.train_config(), cfg.model_config()
     net = build_model(model_config(tcfg, bcfg), tcfg, make_mesh(tcfg.sharding_strategy, 1, None, dev.type), dev)
+    net.language_model.model.sort_by_expert = sort           # tokens sorted by expert once per forward, or routed per point
     vae = init_random_(AutoEncoder(bcfg.vae), torch.Generator().manual_seed(0)).to(dev).eval().requires_grad_(False)
     opt, sched = make_optimizer(net, tcfg); ema = EMA(net, tcfg.ema)
     gen = torch.Generator(dev).manual_seed(0)
@@ -63,7 +64,7 @@ def step_time(cfg, packs: list, steps: int, profile: bool) -> dict:
     return dict(step_s=dt, warmup_s=warm, params=sum(p.numel() for p in net.parameters()), table=table,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
-COLUMNS = ["config", "model params", "tokens/pack", "samples/pack", "data workers", "data packs/s", "step s",
+COLUMNS = ["config", "experts", "model params", "tokens/pack", "samples/pack", "data workers", "data packs/s", "step s",
            "step packs/s", "bound by", "warm-up s", "peak GiB"]
 
 def main(argv=None):
@@ -75,6 +76,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per pack (expected = max; default: the config's)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-sort", action="store_true", help="route tokens per routing point (gathers) instead of sorting them by expert once")
     ap.add_argument("--data-only", action="store_true", help="time the data pipeline only (no model, no table row)")
     ap.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
@@ -94,10 +96,10 @@ def main(argv=None):
     dps, tps, packs = data_rate(cfg, mix, tok, a.packs)
     print(f"data: {dps:.2f} packs/s, {tps:,.0f} tokens/s with {workers} workers", flush=True)
     if a.data_only: return None
-    s = step_time(cfg, packs[:8], a.steps, a.profile)
+    s = step_time(cfg, packs[:8], a.steps, a.profile, not a.no_sort)
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
-    row = [a.config.name, f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
+    row = [a.config.name, "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]
     report("ShapesWorld recipe: data pipeline vs device step", COLUMNS, [row],

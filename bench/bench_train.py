@@ -42,7 +42,7 @@ def mixed_batch(cfg, pairs: int, vit_px: int, latent_tokens: int, text_len: int,
     return concat_packed(bs)
 
 def bench(size: str, layers: int, steps: int, pairs: int, attn: str, activation_checkpointing: bool,
-          profile: bool = False, fused_adamw: bool = False) -> dict:
+          profile: bool = False, fused_adamw: bool = False, sort: bool = True) -> dict:
     "Time `steps` optimizer steps after 2 warm-up steps; returns the figures of one table row."
     from bagel.distributed import get_world_size, init_distributed, make_mesh
     from bagel.model import BagelConfig
@@ -58,6 +58,7 @@ def bench(size: str, layers: int, steps: int, pairs: int, attn: str, activation_
     cfg = TrainConfig(mixed_precision="bf16" if cuda else "fp32", activation_checkpointing=activation_checkpointing,
                       warmup_steps=0, attn_backend=attn, num_shard=None, progress=False, fused_adamw=fused_adamw)
     net = build_model(model_config(cfg, base), cfg, make_mesh(cfg.sharding_strategy, 1, None, dev.type), dev)
+    net.language_model.model.sort_by_expert = sort           # tokens sorted by expert once per forward, or routed per point
     opt, sched = make_optimizer(net, cfg); ema = EMA(net, cfg.ema)
     batch = mixed_batch(net.config, pairs, **shape, seed=rank)
     gen = torch.Generator(dev).manual_seed(rank)
@@ -75,12 +76,12 @@ def bench(size: str, layers: int, steps: int, pairs: int, attn: str, activation_
     tflops = train_flops(net.config.llm, toks, sq) / dt / 1e12            # per rank
     peak = detect_peak_tflops()
     return dict(size=size, layers=net.config.llm.num_hidden_layers, world=get_world_size(), attn=attn,
-                ac=activation_checkpointing, adamw="fused" if fused_adamw else "foreach", tokens=toks, samples=len(batch.sample_lens),
+                ac=activation_checkpointing, adamw="fused" if fused_adamw else "foreach", order="sorted" if sort else "routed", tokens=toks, samples=len(batch.sample_lens),
                 params=sum(p.numel() for p in net.parameters()), step_s=dt, tokens_per_s=toks / dt * W,
                 tflops=tflops, mfu=tflops / peak if peak else 0.0, loss=rec["loss"],
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
-COLUMNS = ["size", "layers", "ranks", "attention", "act. ckpt", "AdamW", "tokens/pack", "samples", "parameters", "s/step",
+COLUMNS = ["size", "layers", "ranks", "attention", "act. ckpt", "AdamW", "experts", "tokens/pack", "samples", "parameters", "s/step",
            "tokens/s", "TFLOPs/rank", "MFU", "peak GiB"]
 
 def main(argv=None):
@@ -93,14 +94,15 @@ def main(argv=None):
                     help="GPU default grouped: 32.3%% MFU at 8 layers on an H200 (25b2c70); flex had 25.5%% (e6f73d6; bench/RESULTS.md)")
     ap.add_argument("--no-ac", action="store_true", help="turn activation checkpointing off")
     ap.add_argument("--fused-adamw", action="store_true", help="AdamW as torch's fused kernel (TrainConfig.fused_adamw)")
+    ap.add_argument("--no-sort", action="store_true", help="route tokens per routing point (gathers) instead of sorting them by expert once")
     ap.add_argument("--profile", action="store_true", help="print a profiler table of one step")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
     from bench.common import RESULTS, report
     rows = []
     for s in a.size:
-        r = bench(s, a.layers, a.steps, a.pairs, a.attn, not a.no_ac, a.profile, a.fused_adamw)
-        rows.append([r["size"], r["layers"], r["world"], r["attn"], r["ac"], r["adamw"], r["tokens"], r["samples"], f"{r['params']:,}",
+        r = bench(s, a.layers, a.steps, a.pairs, a.attn, not a.no_ac, a.profile, a.fused_adamw, not a.no_sort)
+        rows.append([r["size"], r["layers"], r["world"], r["attn"], r["ac"], r["adamw"], r["order"], r["tokens"], r["samples"], f"{r['params']:,}",
                      round(r["step_s"], 3), round(r["tokens_per_s"], 1), round(r["tflops"], 2), f"{100 * r['mfu']:.1f}%",
                      round(r["peak_gib"], 1)])
     from bagel.distributed import get_rank
