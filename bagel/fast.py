@@ -9,14 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from collections import OrderedDict
 from typing import Callable
 
 from .model import Bagel
-from .mot import MLP, AttnPlan, Qwen2MoTAttention, RMSNorm, Routing, apply_rope, to_device
+from .mot import MLP, AttnPlan, KVCache, Qwen2MoTAttention, RMSNorm, Routing, apply_rope, to_device
 from .vae import latent_position_ids
 
 # %% auto #0
-__all__ = ['StaticDecoder', 'StaticVelocity', 'static_velocity', 'fuse_']
+__all__ = ['StaticDecoder', 'StaticVelocity', 'GraphStore', 'static_velocity', 'fuse_']
 
 # %% ../nbs/45_fast_paths.ipynb #b0a20875
 def _capture(step: Callable, device, pool=None, reset: Callable = lambda: None) -> tuple:  # -> (graph, output)
@@ -105,11 +106,12 @@ class StaticVelocity:
                  ctxs: list,                       # b contexts (read, never modified)
                  grids: list,                      # b latent grids (h_i, w_i)
                  cuda_graph: bool | None = None,   # None: on CUDA devices
-                 pool=None):                       # a CUDA graph memory pool to share (torch.cuda.graph_pool_handle())
+                 pool=None,                        # a CUDA graph memory pool to share (torch.cuda.graph_pool_handle())
+                 own_caches: bool = False):        # copy the contexts' keys/values into buffers of its own (see `load`)
         dev, cfg, G = model.device, model.config, model.config.max_latent_size
         tk, b = cfg.tokens, len(ctxs)
         self.model, self.lm, self.n, self.pool = model, model.language_model.model, [h * w for h, w in grids], pool
-        self.caches = [c.cache for c in ctxs]
+        self.caches = [_own_cache(c.cache) if own_caches else c.cache for c in ctxs]
         self.x = torch.zeros(sum(self.n), cfg.patch_latent_dim, device=dev)          # the noisy tokens, packed
         self.t = torch.zeros(b, device=dev)                                          # one flow time per context
         self.tok_ctx = torch.repeat_interleave(torch.arange(b), torch.tensor(self.n)).to(dev)
@@ -140,6 +142,12 @@ class StaticVelocity:
 
     def _capture(self): self.graph, self.out = _capture(self._step, self.x.device, self.pool)
 
+    def load(self, ctxs: list):
+        "Copy the keys/values of new contexts of the same lengths and RoPE positions into the buffers (`own_caches=True`)."
+        for mine, c in zip(self.caches, ctxs):
+            for i in range(mine.num_layers):
+                if mine.keys[i] is not None: mine.keys[i].copy_(c.cache.keys[i]); mine.values[i].copy_(c.cache.values[i])
+
     @torch.no_grad()
     def __call__(self, x_t: list, t) -> list:  # b noisy token sets [n_i, D]; t: scalar or [b] -> b velocities (fp32)
         "Predict the velocities (the values of `Bagel.velocity` for the same inputs)."
@@ -151,12 +159,39 @@ class StaticVelocity:
             self.graph.replay(); out = self.out
         return list(out.clone().split(self.n))          # the graph's output buffer is rewritten by the next call
 
-def static_velocity(model: Bagel, grids_of, cuda_graph: bool | None = None) -> Callable:
+def _own_cache(cache: KVCache) -> KVCache:
+    "A KVCache whose tensors are copies (buffers a CUDA graph can read while their contents change)."
+    new = KVCache(cache.num_layers)
+    new.keys, new.values = ([None if t is None else t.clone() for t in ts] for ts in (cache.keys, cache.values))
+    return new
+
+class GraphStore:
+    "`StaticVelocity`s kept across sampling runs, by context lengths, RoPE positions and grids (least recently used out)."
+    def __init__(self, max_size: int = 4):
+        self.max_size, self.made, self.pool = max_size, OrderedDict(), None
+
+    def get(self, model: Bagel, ctxs: list, grids: list, cuda_graph: bool | None,
+            busy=()) -> StaticVelocity | None:          # None when the kept one is in `busy` (in use for other contexts)
+        key = (tuple((len(c), c.rope) for c in ctxs), tuple(map(tuple, grids)), cuda_graph)
+        if key in self.made:                              # same shapes: new keys/values into the captured buffers
+            sv = self.made[key]
+            if any(sv is b for b in busy): return None
+            self.made.move_to_end(key); sv.load(ctxs); return sv
+        if self.pool is None and model.device.type == "cuda" and cuda_graph is not False: self.pool = torch.cuda.graph_pool_handle()
+        sv = self.made[key] = StaticVelocity(model, ctxs, grids, cuda_graph, self.pool, own_caches=True)
+        while len(self.made) > self.max_size: self.made.popitem(last=False)
+        return sv
+
+def static_velocity(model: Bagel, grids_of, cuda_graph: bool | None = None,
+                    store: GraphStore | None = None) -> Callable:  # keep the graphs for later runs of the same shapes
     "A sampler velocity function (ctxs, xs, t) that keeps one `StaticVelocity` per set of contexts (two per image: in and out of the CFG interval)."
     made, pool = {}, (torch.cuda.graph_pool_handle() if model.device.type == "cuda" and cuda_graph is not False else None)
     def velocity(ctxs, xs, t):
         key = tuple(id(c) for c in ctxs)
-        if key not in made: made[key] = StaticVelocity(model, ctxs, grids_of(ctxs), cuda_graph, pool)
+        if key not in made:
+            sv = None if store is None else store.get(model, ctxs, grids_of(ctxs), cuda_graph, busy=made.values())
+            if sv is None: sv = StaticVelocity(model, ctxs, grids_of(ctxs), cuda_graph, pool)   # (a second set of one shape)
+            made[key] = sv
         return made[key](xs, t)
     return velocity
 

@@ -58,6 +58,7 @@ class Inferencer:
                  low_memory_decode: bool = False):              # VAE decode in strips (bagel.vae.decode_in_strips)
         self.bundle, self.model, self.vae, self.tokenizer = bundle, bundle.model, bundle.vae, bundle.tokenizer
         self.fast, self.low_memory_decode = fast, low_memory_decode
+        self.graphs = None         # fast denoising: a bagel.fast.GraphStore, made on first use (None again frees its graphs)
         self.config = cfg = bundle.config
         self.vae_transform = vae_transform or default_transforms(cfg)[0]
         self.vit_transform = vit_transform or default_transforms(cfg)[1]
@@ -197,8 +198,9 @@ def generate_from(self: Inferencer, prompts: list, shapes: list,
     if step_cache is not None:
         velocity = step_cache.model_velocity(self.model, lambda ctxs: [grids[i % B] for i in range(len(ctxs))])
     elif self.fast if fast is None else fast:
-        from bagel.fast import static_velocity
-        velocity = static_velocity(self.model, lambda ctxs: [grids[i % B] for i in range(len(ctxs))])
+        from bagel.fast import GraphStore, static_velocity
+        if self.graphs is None: self.graphs = GraphStore()     # graphs kept for the next prompt of the same lengths
+        velocity = static_velocity(self.model, lambda ctxs: [grids[i % B] for i in range(len(ctxs))], store=self.graphs)
     # the states live on the model's device: no velocity goes back to the host between steps
     x0 = sample(velocity, [n.float().to(self.model.device) for n in noise], branches, sampling, callback=callback, progress=progress)
     return [self.decode_latents(x, s) for x, s in zip(x0, shapes)]
