@@ -172,7 +172,8 @@ class GraphStore:
 
     def get(self, model: Bagel, ctxs: list, grids: list, cuda_graph: bool | None,
             busy=()) -> StaticVelocity | None:          # None when the kept one is in `busy` (in use for other contexts)
-        key = (tuple((len(c), c.rope) for c in ctxs), tuple(map(tuple, grids)), cuda_graph)
+        key = (id(model), str(model.device), model.dtype,             # a graph belongs to one model where it was captured
+               tuple((len(c), c.rope) for c in ctxs), tuple(map(tuple, grids)), cuda_graph)
         if key in self.made:                              # same shapes: new keys/values into the captured buffers
             sv = self.made[key]
             if any(sv is b for b in busy): return None
