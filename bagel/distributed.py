@@ -214,7 +214,9 @@ def load_checkpoint(path: str | Path, state: dict) -> tuple:  # -> (trainer, thi
     return trainer, torch.load(rf, weights_only=False) if same else None, meta
 
 # %% ../nbs/30a_parallel.ipynb #bf774217
-def _full(t: Tensor) -> Tensor: return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+def _full(t: Tensor, host: bool = True) -> Tensor:  # a DTensor gathered whole (on the host unless host=False)
+    t = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+    return t.cpu() if host else t
 
 def export_ema(checkpoint_or_state,              # checkpoint folder, or an EMA state dict {name: tensor | DTensor}
                out_dir: str | Path,

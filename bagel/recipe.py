@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .model import BagelConfig
-from .shapesworld import vit_side
+from .shapesworld import check_mix_weights, vit_side
 from .train import TrainConfig
 
 # %% auto #0
@@ -74,11 +74,7 @@ class RecipeConfig:
         save_every=200, auto_resume=True, sharding_strategy="NO_SHARD", num_shard=None, mixed_precision="fp32",
         activation_checkpointing=False, max_grad_norm=1.0, global_seed=0))
 
-    def __post_init__(self):
-        w = self.mix_weights
-        if not (isinstance(w, (list, tuple)) and len(w) == 3 and all(isinstance(x, (int, float)) and x >= 0 for x in w) and sum(w) > 0):
-            raise ValueError(f"mix_weights must be three numbers >= 0 (t2i, edit, vlm), not all 0, got {w!r}")
-        self.mix_weights = tuple(float(x) for x in w)
+    def __post_init__(self): self.mix_weights = check_mix_weights(self.mix_weights, "mix_weights")
 
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "RecipeConfig":
@@ -131,12 +127,12 @@ def train_recipe_vae(cfg: RecipeConfig, steps: int | None = None, batch_size: in
                                          image_size=cfg.size, seed=cfg.seed), log=log, device=_device())
     return vae.eval(), hist
 
-def _load_vae(cfg: RecipeConfig, base: Path, name: str | None = None):
-    "The VAE of the model dir `base` (its file `name`, default ae.safetensors), in fp32 on this rank's device."
+def _load_vae(cfg: RecipeConfig, base: Path, name: str | None = None, device: str | None = None):
+    "The VAE of the model dir `base` (its file `name`, default ae.safetensors), in fp32 on `device` (default: this rank's)."
     from bagel.checkpoint import AE_WEIGHTS, assign_from_file
     from bagel.vae import AutoEncoder
     with torch.device("meta"): vae = AutoEncoder(cfg.model_config().vae)
-    assign_from_file(vae, Path(base) / (name or AE_WEIGHTS), torch.float32, _device(),
+    assign_from_file(vae, Path(base) / (name or AE_WEIGHTS), torch.float32, device or _device(),
                      hint="the file must hold a VAE of the recipe's VAE config (BagelConfig.shapesworld(), `model: vae:`)")
     return vae.eval()
 
@@ -151,7 +147,7 @@ def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
         src = Path(cfg.vae_weights)
         if not src.is_file(): raise FileNotFoundError(f"vae_weights: {src} does not exist; train one with "
                                                       "`python -m bench.bench_vae --save DIR` or remove the key to train it here")
-        vae = _load_vae(cfg, src.parent, src.name)
+        vae = _load_vae(cfg, src.parent, src.name, device="cpu")   # checked on the host: it is only written back
         if log: log(f"VAE: {src} (not trained here)")
     else:
         vae = train_recipe_vae(cfg, log=log)[0]

@@ -19,7 +19,7 @@ __all__ = ['SHAPES', 'UNKNOWN', 'COLORS', 'BACKGROUNDS', 'SIZES', 'CELLS', 'RELA
            'png_bytes', 'parse', 'parse_background', 'draw_parse', 'judge_agrees', 'degrade', 'holds', 'describe',
            't2i_sample', 'scene_spec', 'check_t2i_spec', 'spec_holds', 'score_t2i', 'refer', 'apply_edit',
            'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample', 'score_vqa', 't2i_row',
-           'edit_row', 'vit_side', 'mix_config', 'write_shapesworld', 'heldout']
+           'edit_row', 'check_mix_weights', 'vit_side', 'mix_config', 'write_shapesworld', 'heldout']
 
 # %% ../nbs/21_shapesworld.ipynb #658d4b9f
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -591,6 +591,14 @@ def edit_row(rng, size: int = 64) -> dict:
     e = edit_sample(rng)
     return {"image_list": [png_bytes(render(s, size)) for s in e["scenes"]], "instruction_list": e["instructions"]}
 
+def check_mix_weights(weights, name: str = "weights") -> tuple:
+    "The T2I, edit and VLM sampling weights as three floats; a clear error unless they are numbers >= 0, not all 0."
+    try: w = tuple(float(x) for x in weights)
+    except (TypeError, ValueError): raise TypeError(f"{name} must be three numbers (t2i, edit, vlm), got {weights!r}") from None
+    if len(w) != 3 or min(w) < 0 or not sum(w) > 0:
+        raise ValueError(f"{name} must be three numbers >= 0 (t2i, edit, vlm), not all 0, got {weights!r}")
+    return w
+
 def vit_side(size: int, vit_size: int | None = None) -> int:
     "The side the ViT sees: `vit_size` (a multiple of 14), else the multiple of 14 nearest the render size (70 at 64 px)."
     if vit_size is None: return max(14, round(size / 14) * 14)
@@ -666,10 +674,7 @@ def write_shapesworld(root,                         # folder to write into (crea
                     ("workers", workers)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     render(Scene(), size); vit_side(size, vit_size)                # validate size, vit_size and weights before writing anything
-    try: weights = tuple(float(w) for w in weights)
-    except (TypeError, ValueError): raise TypeError(f"weights must be three numbers (t2i, edit, vlm), got {weights!r}") from None
-    if len(weights) != 3 or min(weights) < 0 or not sum(weights) > 0:
-        raise ValueError(f"weights must be three numbers >= 0 (t2i, edit, vlm), not all 0, got {weights!r}")
+    weights = check_mix_weights(weights)
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     if (taken := [p for p in _OWNED if (root / p).exists()]) and not overwrite:
         raise FileExistsError(f"{root} already holds {taken}: pass overwrite=True to replace them, or write elsewhere")

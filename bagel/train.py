@@ -342,8 +342,8 @@ def train_step(model: Bagel, opt, sched, ema: EMA, batches: list, cfg: TrainConf
     lr = opt.param_groups[0]["lr"]
     opt.step(); sched.step(); ema.update(model, sched.last_epoch); opt.zero_grad(set_to_none=True)
     ce, mse = all_reduce_sum(acc) / W
-    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()   # on the device: `sync` decides
-    rec = dict(loss=cfg.ce_weight * ce + cfg.mse_weight * mse, ce=ce, mse=mse, lr=lr, grad_norm=norm)
+    rec = dict(loss=cfg.ce_weight * ce + cfg.mse_weight * mse, ce=ce, mse=mse, lr=lr,
+               grad_norm=_full(norm, host=False))             # on the device: `sync` decides when the host waits
     return _synced(rec) if sync else rec
 
 def _synced(rec: dict) -> dict:
