@@ -269,3 +269,23 @@ def test_shipped_vae_round_trip():
     assert path == (ROOT / "assets" / "shapesworld_vae_64px.safetensors").resolve()
     vae = _load_vae(cfg, path.parent, path.name)
     assert vae_ceiling(cfg, vae, 24) >= 0.75      # 0.833 measured (20 of 24; the assets card); a random VAE reads 0
+
+def test_bench_sampling_smoke_on_cpu(tmp_path):
+    "bench/bench_sampling.py: one exported recipe model scored per sampling setting, one table appended; no model, a clear error."
+    import yaml
+    from bagel.cli import train_from_config
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_sampling import main
+    cfg = {"out": str(tmp_path / "run"), "n_t2i": 40, "n_edit": 20, "n_vlm": 40, "rows_per_file": 10, "row_group_size": 5,
+           "vae_steps": 2, "vae_batch_size": 4, "expected_num_tokens": 480, "max_num_tokens": 512, "bench_n": 4,
+           "num_timesteps": 3, "train": {"total_steps": 1, "warmup_steps": 1, "log_every": 1, "save_every": 1,
+                                         "progress": False, "sharding_strategy": "NO_SHARD", "mixed_precision": "fp32"}}
+    path = tmp_path / "r.yaml"; path.write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(path), "--results", str(tmp_path / "R.md")]
+    with pytest.raises(FileNotFoundError, match="bagel demo"):
+        main(args)
+    train_from_config(path)
+    rows = main(args + ["--tasks", "t2i", "edit", "--cfg-text-scale", "1", "4", "--timestep-shift", "2"])
+    assert [r[1:5] for r in rows] == [[1.0, 2.0, 3, 6], [4.0, 2.0, 3, 6]]        # 4 prompts + 2 edits per setting
+    assert all(0 <= v <= 1 for r in rows for v in r[6:]) and len(rows[0]) == 8    # t2i and edit scores
+    assert "under sampling settings" in (tmp_path / "R.md").read_text()
