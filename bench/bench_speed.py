@@ -114,7 +114,8 @@ def main(argv=None):
                      "[0.4, 1] (90 decoder passes); edit: text CFG 4, image CFG 2 on [0, 1], text_channel. und: the "
                      "seconds are the prefill (ViT + context + first token); decode time per token after it; `und fast`: decoding with "
                      "static KV buffers replayed as a CUDA graph; `... fast` generation rows: the denoising passes replayed as "
-                     "CUDA graphs (`fast=True`, bagel.fast); captures included."
+                     "CUDA graphs (`fast=True`, bagel.fast), captured in the warm-up run and replayed in the timed one (the Inferencer "
+                     "keeps them: `inf.graphs`)."
                      + (f" {diff}." if "t2i512" in gen else "")
                      + (" `fused`: RMSNorm, SwiGLU and RoPE compiled (bagel.fast.fuse_; compilation in the warm-up run)." if a.fused else "")
                      + (" SMOKE RUN (--tiny, CPU): the floors do not apply." if a.tiny else ""),
