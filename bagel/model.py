@@ -191,7 +191,7 @@ def embed_vit(self: Bagel, images: list) -> tuple:  # b images [3, H_i, W_i] in 
     "ViT tokens in LLM width: connector(SigLIP(patches)) + vit_pos_embed[r*G + c]."
     P, G = self.config.vit.patch_size, self.config.vit_max_num_patch_per_side
     for img in images: _check_grid(img.shape[-2] // P, img.shape[-1] // P, G, "a ViT image", P)
-    pix, pos, cu = pack_vit_images([im.to(self.device, self.dtype) for im in images], P, G)
+    pix, pos, cu = pack_vit_images([to_device(im, self.device).to(self.dtype) for im in images], P, G)   # no host wait
     x = self.connector(self.vit_model(pix, pos, cu)) + self.vit_pos_embed(pos)
     return x, (cu[1:] - cu[:-1]).tolist()
 
@@ -252,13 +252,13 @@ def extend_text(self: Bagel, ctxs: list, blocks: list,  # b contexts; b lists of
     "Prefill one causal text block per sequence into the caches (und expert)."
     if any(len(ids) == 0 for ids in blocks): raise ValueError("extend_text got an empty token block")
     dev = self.device
-    ids = [torch.as_tensor(b, dtype=torch.long, device=dev) for b in blocks]
+    ids = [to_device(torch.as_tensor(b, dtype=torch.long), dev) for b in blocks]   # pinned, non-blocking: no host wait
     blk = _Block([self.embed_text(i) for i in ids], [_positions(c, len(i), False, dev) for c, i in zip(ctxs, ids)],
                  [torch.zeros(len(i), dtype=torch.bool) for i in ids], "causal")
     h = self._run(ctxs, blk, update_cache=True)
     for c, i in zip(ctxs, ids): c.rope += len(i)
     if not return_logits: return None
-    last = torch.tensor([len(i) for i in ids], device=dev).cumsum(0) - 1
+    last = to_device(torch.tensor([len(i) for i in ids]).cumsum(0) - 1, dev)
     return self.language_model.lm_head(h[last])
 
 @patch
