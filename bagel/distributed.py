@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn, Tensor
 
 from .model import Bagel, BagelConfig, PositionEmbedding
-from .mot import Qwen2MoTDecoderLayer, RotaryEmbedding
+from .mot import Qwen2MoTDecoderLayer, RotaryEmbedding, packed_attention
 from .siglip import MLPConnector, NaViTEncoderLayer
 
 # %% auto #0
@@ -82,8 +82,10 @@ def parallelize(model: Bagel,      # built on any device, usually `meta`
     if cfg.activation_checkpointing:                                    # 1. recompute activations in backward
         from torch.distributed._composable import checkpoint
         for m in units["checkpoint"]: checkpoint(m)
-    if cfg.compile:                                                     # 2. compile the repeated block
-        for m in units["decoder"]: m.compile()
+    if cfg.compile:                                                     # 2. compile the repeated block, attention eager:
+        for m in units["decoder"]:                                      #    its plan (Python lengths) changes every pack
+            m.self_attn.attend = torch.compiler.disable(packed_attention)
+            m.compile(dynamic=True)
     if mesh is None: return model                                       # one process: nothing to shard
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)

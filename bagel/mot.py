@@ -677,6 +677,7 @@ def _merge_cache(k: Tensor, v: Tensor, plan: AttnPlan, past: list | None):
 class Qwen2MoTAttention(nn.Module):
     "GQA self-attention with per-expert projections and q/k norms, joint over the sequence."
     rope = staticmethod(apply_rope)  # bagel.fast.fuse_ puts a compiled one on the instances
+    attend = staticmethod(packed_attention)  # parallelize(compile=True) puts an untraced one on the instances
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         H, h, hkv, self.head_dim = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -702,7 +703,7 @@ class Qwen2MoTAttention(nn.Module):
         q, k = self.rope(q, step.cos, step.sin), self.rope(k, step.cos, step.sin)  # [n, h, d], [n, h_kv, d]
         if step.perm is not None: q, k, v = (step.perm.unsort(t) for t in (q, k, v))  # attention runs in token order
         k_all, v_all, merged = _merge_cache(k, v, step.plan, past)
-        o = packed_attention(q, k_all, v_all, step.plan, step.backend)  # [n, h, d]
+        o = self.attend(q, k_all, v_all, step.plan, step.backend)  # [n, h, d]
         if step.perm is not None: o = step.perm.sort(o)
         return r(o.flatten(1), self.o_proj, self.o_proj_moe_gen, fz), merged
 

@@ -78,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-sort", action="store_true", help="route tokens per routing point (gathers) instead of sorting them by expert once")
     ap.add_argument("--data-only", action="store_true", help="time the data pipeline only (no model, no table row)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override a config value, as `bagel demo --set` (e.g. train.fused_adamw=true, train.compile=true)")
     ap.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv=None):
     from bagel.recipe import RecipeConfig, make_data
     from bagel.testing import write_tiny_tokenizer
     from bench.common import RESULTS, report
-    cfg = RecipeConfig.from_yaml(a.config)
+    cfg = RecipeConfig.from_yaml(a.config, a.overrides)
     workers = cfg.num_workers if a.workers is None else a.workers
     out = a.out or Path(tempfile.mkdtemp(prefix="bench_recipe-"))
     cfg = replace(cfg, out=str(out), n_t2i=a.samples, n_edit=a.samples // 2, n_vlm=a.samples, num_workers=workers)
@@ -99,7 +101,7 @@ def main(argv=None):
     s = step_time(cfg, packs[:8], a.steps, a.profile, not a.no_sort)
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
-    row = [a.config.name, "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
+    row = [" ".join([a.config.name, *a.overrides]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]
     report("ShapesWorld recipe: data pipeline vs device step", COLUMNS, [row],
