@@ -39,8 +39,10 @@ class TrainConfig:
     fused_adamw: bool = False             # AdamW as one fused kernel per device and dtype (torch's `fused=True`) instead of
                                           # `foreach` (a 7B-width step's foreach AdamW took 11% of its device time)
     lr_scheduler: str = "constant"        # "constant" (linear warm-up, then flat) | "cosine" (warm-up, cosine to min_lr)
+                                          # | "wsd" (warm-up, flat, then linear to min_lr over the last decay_ratio)
     warmup_steps: int = 2000
     min_lr: float = 1e-7
+    decay_ratio: float = 0.2              # wsd: the share of total_steps at the end over which the lr decays
     total_steps: int = 500_000            # optimizer steps
     max_grad_norm: float = 1.0            # <= 0: no clipping (the norm is still logged)
     ema: float = 0.9999                   # EMA decay
@@ -90,8 +92,9 @@ class TrainConfig:
 # %% ../nbs/30_train_fsdp.ipynb #cb92dd72
 def _check_train_config(c: TrainConfig):
     "Clear errors for values the loop cannot run with."
-    if c.lr_scheduler not in ("constant", "cosine"):
-        raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {c.lr_scheduler!r}")
+    if c.lr_scheduler not in ("constant", "cosine", "wsd"):
+        raise ValueError(f"lr_scheduler must be 'constant', 'cosine' or 'wsd', got {c.lr_scheduler!r}")
+    if not 0 < c.decay_ratio <= 1: raise ValueError(f"decay_ratio must be in (0, 1] (the decaying share of total_steps), got {c.decay_ratio!r}")
     if c.sharding_strategy not in SHARDING:
         raise ValueError(f"sharding_strategy must be one of {', '.join(SHARDING)}, got {c.sharding_strategy!r}")
     if c.attn_backend not in ATTN_BACKENDS:
@@ -200,8 +203,12 @@ def lr_factor(k: int, cfg: TrainConfig) -> float:
     "Multiplier of cfg.lr at optimizer step k (0-based)."
     if k < cfg.warmup_steps: return k / cfg.warmup_steps
     if cfg.lr_scheduler == "constant": return 1.0
-    progress = min((k - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps), 1.0)
     floor = cfg.min_lr / cfg.lr
+    if cfg.lr_scheduler == "wsd":                      # flat until the last decay_ratio of the steps, then linear
+        start = max(cfg.warmup_steps, cfg.total_steps - round(cfg.decay_ratio * cfg.total_steps))
+        if k < start: return 1.0
+        return floor + (1 - floor) * max(0.0, 1 - (k - start) / max(1, cfg.total_steps - start))
+    progress = min((k - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps), 1.0)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple:  # -> (AdamW, LambdaLR)
