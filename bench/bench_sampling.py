@@ -13,7 +13,7 @@ from pathlib import Path
 COLUMNS = ["config", "cfg_text_scale", "timestep_shift", "num_timesteps", "items", "seconds"]
 
 def main(argv=None):
-    from bagel.eval import ShapesWorldBench, run
+    from bagel.eval import EvalSettings, ShapesWorldBench, run
     from bagel.recipe import RecipeConfig, _inferencer
     from bench.common import RESULTS, report, sync
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,7 +35,7 @@ def main(argv=None):
     bench = ShapesWorldBench(n=a.n or cfg.bench_n, seed=cfg.seed, size=cfg.size, tasks=tuple(a.tasks), vit_size=cfg.vit_size)
     grid = list(itertools.product(a.cfg_text_scale or [cfg.cfg_text_scale], a.timestep_shift or [cfg.timestep_shift],
                                   a.num_timesteps or [cfg.num_timesteps]))
-    rows, tags = [], []
+    rows, tags, d = [], [], EvalSettings()
     for scale, shift, steps in grid:
         out = Path(tempfile.mkdtemp(prefix="bench_sampling_"))
         try:
@@ -50,8 +50,9 @@ def main(argv=None):
         rows.append([a.config.name, scale, shift, steps, len(bench.items()), round(secs, 1)] + [round(m[k], 3) for k in tags])
         print(rows[-1], flush=True)
     report("ShapesWorld-Bench under sampling settings (one trained model)", COLUMNS + tags, rows,
-           notes=f"Model: `{model_dir}`. Each row samples the same held-out items with the same seeds; only the sampler's "
-                 "settings differ (edits: image CFG 2 on [0, 1], text_channel renorm, as the bench's defaults).",
+           notes=f"Model: `{model_dir}`. Each row samples the same held-out items with the same seeds; only the settings "
+                 f"above differ. The others are bagel.eval.EvalSettings defaults: image CFG {d.cfg_img_scale}, CFG interval "
+                 f"{list(d.cfg_interval)}, {d.cfg_renorm_type} renorm.",
            results=a.results or RESULTS)
     return rows
 
