@@ -307,3 +307,25 @@ def test_compiled_layers_match_eager_on_changing_packs(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, (a, b)
     assert counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])    # 4 measured; traced attention: 17 (a graph per pack)
     torch._dynamo.reset()
+
+@pytest.mark.slow
+def test_sweep_recipe_runs_side_by_side(tmp_path):
+    "bench/sweep_recipe.py: two recipe runs as parallel processes on one shared data folder; one table row each."
+    import yaml
+    sys.path.insert(0, str(ROOT))
+    from bench.sweep_recipe import main
+    cfg = {"out": str(tmp_path / "unused"), "n_t2i": 40, "n_edit": 20, "n_vlm": 40, "rows_per_file": 10, "row_group_size": 5,
+           "vae_steps": 2, "vae_batch_size": 4, "expected_num_tokens": 480, "max_num_tokens": 512, "bench_n": 4,
+           "num_timesteps": 3, "train": {"total_steps": 2, "warmup_steps": 1, "log_every": 1, "save_every": 2,
+                                         "progress": False, "sharding_strategy": "NO_SHARD", "mixed_precision": "fp32"}}
+    path = tmp_path / "r.yaml"; path.write_text(yaml.safe_dump(cfg))
+    base = ["--config", str(path), "--out", str(tmp_path / "sweep"), "--workers", "0", "--results", str(tmp_path / "R.md")]
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(base + ["--run", "a", "lr"])
+    rows = main(base + ["--run", "a", "--run", "b", "train.max_grad_norm=0.5"])
+    assert [r[:3] for r in rows] == [["a", "-", 2], ["b", "train.max_grad_norm=0.5", 2]]
+    links = [tmp_path / "sweep" / n / "shapesworld" for n in "ab"]
+    assert all(l.is_symlink() for l in links) and len({l.resolve() for l in links}) == 1    # the data, written once
+    assert all(json.loads((tmp_path / "sweep" / n / "report.json").read_text())["config"]["train"]["max_grad_norm"] == g
+               for n, g in (("a", 1.0), ("b", 0.5)))
+    assert "side by side" in (tmp_path / "R.md").read_text()

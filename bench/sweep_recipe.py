@@ -1,0 +1,98 @@
+"""Several ShapesWorld learning runs at once on one machine, sharing its GPU: one `bagel demo` process per run.
+
+The recipe's step on a GPU is bound by its host (a 32k-token step of the GPU config ran at ~4% MFU on an H200), so
+the device has room for more than one run. Each run is
+
+    bagel demo --config CONFIG --set out=OUT/NAME --set num_workers=W [--set KEY=VALUE ...]
+
+pinned to its own share of the CPU cores (its DataLoader workers and intra-op threads stay inside it). The ShapesWorld
+data is written once and linked into every run whose data settings agree. When all runs have ended, one table of
+their steps, final losses and ShapesWorld-Bench scores is appended to RESULTS.md. Runs that share a device also share
+its time, so compare their steps, not only their scores, with a run made alone.
+
+    python -m bench.sweep_recipe --config configs/shapesworld_gpu.yaml --out runs/sweep \\
+        --run base --run wsd train.lr_scheduler=wsd train.total_steps=3000 --run shift2 train.timestep_shift=2
+"""
+import argparse, json, os, subprocess, sys, time
+from dataclasses import replace
+from pathlib import Path
+
+DATA_FIELDS = ("n_t2i", "n_edit", "n_vlm", "rows_per_file", "row_group_size", "seed", "size", "vit_size")
+COLUMNS = ["run", "overrides", "steps", "train s", "s/step", "final ce", "final mse", "t2i", "edit", "vqa"]
+
+def _parse_runs(runs: list) -> list:  # [[NAME, KEY=VALUE, ...], ...] -> [(name, [overrides])]
+    out, seen = [], set()
+    for name, *sets in runs:
+        if "=" in name or "/" in name or name in seen:
+            raise SystemExit(f"--run needs a new name first (no '=' or '/'), then KEY=VALUE overrides: got {name!r}")
+        if bad := [s for s in sets if "=" not in s]: raise SystemExit(f"--run {name}: {bad} are not KEY=VALUE overrides")
+        seen.add(name); out.append((name, sets))
+    return out
+
+def _core_shares(n: int) -> list:  # -> n disjoint lists of CPU ids
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if len(cores) < n: return [cores] * n        # fewer cores than runs: they share all of them
+    k = len(cores) // n
+    return [cores[i * k:(i + 1) * k] for i in range(n)]
+
+def _shared_data(cfg, data_root: Path, made: dict) -> Path:
+    "The data folder of this run's data settings, written once for all runs that share them."
+    from bagel.recipe import make_data
+    key = tuple(getattr(cfg, f) for f in DATA_FIELDS)
+    if key not in made:
+        made[key] = data_root / f"data{len(made)}"
+        make_data(replace(cfg, out=str(made[key])))
+    return made[key] / "shapesworld"
+
+def main(argv=None):
+    from bagel.recipe import RecipeConfig
+    from bench.common import RESULTS, device_name, report
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, default=Path("configs/shapesworld_gpu.yaml"))
+    ap.add_argument("--run", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE ...]",
+                    help="one run: a name, then its config overrides (repeat --run for each run)")
+    ap.add_argument("--out", type=Path, default=Path("runs/sweep"), help="one folder per run under this one")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers per run (default: its share of the cores less 2; 0 packs in the training process)")
+    ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
+    a = ap.parse_args(argv)
+    runs, shares = _parse_runs(a.run), _core_shares(len(a.run))
+    a.out.mkdir(parents=True, exist_ok=True)
+    made, procs = {}, []
+    for (name, sets), cores in zip(runs, shares):
+        workers = a.workers if a.workers is not None else max(1, len(cores) - 2)
+        sets = [f"out={a.out / name}", f"num_workers={workers}"] + sets
+        cfg = RecipeConfig.from_yaml(a.config, sets)                     # a bad override fails here, before any run starts
+        link = Path(cfg.out) / "shapesworld"
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(_shared_data(cfg, a.out / "_data", made).resolve(), target_is_directory=True)
+        cmd = [sys.executable, "-c", "import sys; from bagel.cli import main; sys.exit(main(sys.argv[1:]))",
+               "demo", "--config", str(a.config)] + [x for s in sets for x in ("--set", s)]
+        log = open(Path(cfg.out) / "log.txt", "w")
+        procs.append((name, sets[2:], cfg, log, subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c))
+            if hasattr(os, "sched_setaffinity") else None)))
+        print(f"started {name}: cores {cores[0]}-{cores[-1]}, {workers} data workers, {' '.join(sets[2:]) or 'no overrides'}", flush=True)
+    t0, rows, failed = time.perf_counter(), [], []
+    for name, sets, cfg, log, p in procs:
+        rc = p.wait(); log.close()
+        print(f"{name}: exit {rc} after {time.perf_counter() - t0:.0f} s (log: {Path(cfg.out) / 'log.txt'})", flush=True)
+        rep = Path(cfg.out) / "report.json"
+        if rc != 0 or not rep.exists(): failed.append(name); continue
+        r = json.loads(rep.read_text())
+        m, last, secs = r["metrics"], r["last_log"] or {}, r["seconds"]["train"]
+        rows.append([name, " ".join(sets) or "-", r["steps"], secs, round(secs / max(1, r["steps"]), 3),
+                     round(last.get("ce", float("nan")), 3), round(last.get("mse", float("nan")), 4)]
+                    + [round(m[k], 3) if k in m else "-" for k in ("t2i", "edit", "vqa")])
+    if rows:
+        report(f"ShapesWorld learning runs side by side: {len(procs)} `bagel demo` processes on one machine ({a.config.name})",
+               COLUMNS, rows, notes=f"All runs at once on {device_name()}, each on {len(shares[0])} CPU cores; they share the "
+                                    "device's time, so a run alone makes more steps in the same seconds. Reports: "
+                                    f"`{a.out}/<run>/report.md`." + (f" Failed: {', '.join(failed)} (see their log.txt)." if failed else ""),
+               results=a.results or RESULTS)
+    if failed: raise SystemExit(f"runs failed: {', '.join(failed)}")
+    return rows
+
+if __name__ == "__main__":
+    main()
