@@ -57,10 +57,11 @@ class ImageTransform:
         return w, h
 
     def resize(self, img: Image.Image, img_num: int = 1) -> Image.Image:
-        "RGB image resized by the rule (bicubic)."
-        img = to_rgb(img)
-        size = self.target_size(*img.size, img_num=img_num)
-        return img if size == img.size else img.resize(size, Image.BICUBIC)
+        "RGB image resized by the rule (bicubic); always a new image."
+        src = img if isinstance(img, Image.Image) and img.mode == "RGB" else to_rgb(img)   # no copy before a resize
+        size = self.target_size(*src.size, img_num=img_num)
+        if size != src.size: return src.resize(size, Image.BICUBIC)
+        return src.copy() if src is img else src
 
     def __call__(self, img: Image.Image, img_num: int = 1) -> torch.Tensor:  # -> [3, H, W] in [-1, 1]
         "Resize, then map to a float tensor in [-1, 1] (mean 0.5, std 0.5 per channel)."
@@ -68,7 +69,8 @@ class ImageTransform:
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:  # -> [3, H, W] float32 in [-1, 1]
     "An RGB PIL image as a [-1, 1] tensor."
-    x = torch.from_numpy(np.array(to_rgb(img))).float()   # [H, W, 3]: one uint8 copy, one float tensor, in place after
+    rgb = img if isinstance(img, Image.Image) and img.mode == "RGB" else to_rgb(img)   # np.array copies anyway
+    x = torch.from_numpy(np.array(rgb)).float()   # [H, W, 3]: one uint8 copy, one float tensor, in place after
     return x.div_(255).sub_(0.5).div_(0.5).permute(2, 0, 1)  # (x / 255 - 0.5) / 0.5 as before; 980²: 9.7 -> 4.0 ms (2 cores)
 
 VAE_TRANSFORM = ImageTransform(1024, 512, 16)   # app / inferencer defaults
