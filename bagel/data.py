@@ -37,7 +37,7 @@ def decode_image(data) -> Image.Image:  # encoded bytes or a file path -> RGB PI
         img.load()
     except MalformedRow: raise
     except Exception as e: raise MalformedRow(f"unreadable image: {e}") from None
-    return img if img.mode == "RGB" else to_rgb(img)   # decoded here: no copy needed
+    return to_rgb(img, copy=False)                    # decoded here: no copy needed
 
 _TRANSFORM_KEYS = {"image_stride", "max_image_size", "min_image_size", "max_pixels", "image_mean", "image_std"}
 

@@ -83,8 +83,9 @@ def parallelize(model: Bagel,      # built on any device, usually `meta`
         from torch.distributed._composable import checkpoint
         for m in units["checkpoint"]: checkpoint(m)
     if cfg.compile:                                                     # 2. compile the repeated block, attention eager:
-        for m in units["decoder"]:                                      #    its plan (Python lengths) changes every pack
-            m.self_attn.attend = torch.compiler.disable(packed_attention)
+        attend = torch.compiler.disable(packed_attention)               #    its plan (Python lengths) changes every pack
+        for m in units["decoder"]:
+            m.self_attn.attend = attend
             m.compile(dynamic=True)
     if mesh is None: return model                                       # one process: nothing to shard
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method

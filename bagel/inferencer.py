@@ -96,7 +96,7 @@ def _check_image(img) -> Image.Image:
     if not isinstance(img, Image.Image):
         raise TypeError(f"images must be PIL.Image objects, got {type(img).__name__}: load files with PIL.Image.open")
     if img.width < 1 or img.height < 1: raise ValueError(f"empty image of size {img.size}")
-    return to_rgb(img)  # RGBA/LA/P/L/CMYK are converted (transparency composited on white)
+    return to_rgb(img, copy=False)  # RGBA/LA/P/L/CMYK are converted (transparency composited on white); resized copies follow
 
 def add_image(self: Inferencer, prompts: list, images: list, vae: bool = True, vit: bool = True,
               generator: torch.Generator | None = None):

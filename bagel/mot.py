@@ -781,7 +781,7 @@ def forward(
     _check_forward(self, inputs_embeds, position_ids, plan, is_gen, caches, update_cache)
     perm, x = None, inputs_embeds
     if route is None:
-        if caches is None and is_gen is not None and getattr(self, "sort_by_expert", True) and 0 < int(is_gen.sum()) < len(is_gen):
+        if caches is None and is_gen is not None and self.sort_by_expert and 0 < int(is_gen.sum()) < len(is_gen):
             perm = ExpertOrder.from_mask(is_gen, x.device)    # training: one permutation, not three gathers per routing point
             route, x, position_ids = perm.routing(), perm.sort(x), position_ids[perm.order]
         else: route = Routing.from_mask(is_gen, x.device)

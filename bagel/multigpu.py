@@ -16,7 +16,6 @@ from .distributed import is_dist
 from .inferencer import Inferencer
 from .mot import MoTStep, Routing
 from .sampling import BRANCH_NAMES, Branch, SamplingConfig, sample
-from .transforms import to_rgb
 
 # %% auto #0
 __all__ = ['REMOTE', 'parse_bytes', 'Placement', 'plan_split', 'move_step', 'unsplit_', 'split_layers_', 'Remote', 'branch_ranks',
@@ -297,7 +296,7 @@ def gen_image_cfg_parallel(inf: Inferencer, prompts: list, images: list | None =
     branches = [Branch("cond", get("cond")), Branch("text", get("text"), cfg_text_scale), Branch("img", get("img"), cfg_img_scale)]
     if images is not None:
         last = [im[-1] if isinstance(im, (list, tuple)) else im for im in images]
-        shapes = [inf.vae_transform.resize(to_rgb(im)).size[::-1] for im in last]   # the input's (H, W) after resizing
+        shapes = [inf.vae_transform.resize(im).size[::-1] for im in last]   # the input's (H, W) after resizing
     elif isinstance(image_shapes, tuple) and len(image_shapes) == 2 and all(isinstance(v, int) for v in image_shapes):
         shapes = [image_shapes] * len(prompts)
     else: shapes = list(image_shapes)

@@ -14,10 +14,12 @@ from PIL import Image
 __all__ = ['VAE_TRANSFORM', 'VIT_TRANSFORM', 'to_rgb', 'ImageTransform', 'pil_to_tensor']
 
 # %% ../nbs/05_transforms.ipynb #b08baa02
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image,
+           copy: bool = True) -> Image.Image:  # False: an RGB image comes back as it is (for callers that copy anyway)
     "RGB copy of a PIL image; transparent pixels are composited on white first."
     if not isinstance(img, Image.Image):
         raise TypeError(f"expected a PIL.Image, got {type(img).__name__}: open files with PIL.Image.open(path)")
+    if not copy and img.mode == "RGB": return img
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -58,7 +60,7 @@ class ImageTransform:
 
     def resize(self, img: Image.Image, img_num: int = 1) -> Image.Image:
         "RGB image resized by the rule (bicubic); always a new image."
-        src = img if isinstance(img, Image.Image) and img.mode == "RGB" else to_rgb(img)   # no copy before a resize
+        src = to_rgb(img, copy=False)                     # no copy before a resize
         size = self.target_size(*src.size, img_num=img_num)
         if size != src.size: return src.resize(size, Image.BICUBIC)
         return src.copy() if src is img else src
@@ -69,8 +71,7 @@ class ImageTransform:
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:  # -> [3, H, W] float32 in [-1, 1]
     "An RGB PIL image as a [-1, 1] tensor."
-    rgb = img if isinstance(img, Image.Image) and img.mode == "RGB" else to_rgb(img)   # np.array copies anyway
-    x = torch.from_numpy(np.array(rgb)).float()   # [H, W, 3]: one uint8 copy, one float tensor, in place after
+    x = torch.from_numpy(np.array(to_rgb(img, copy=False))).float()   # [H, W, 3]: one uint8 copy, one float tensor, in place after
     return x.div_(255).sub_(0.5).div_(0.5).permute(2, 0, 1)  # (x / 255 - 0.5) / 0.5 as before; 980²: 9.7 -> 4.0 ms (2 cores)
 
 VAE_TRANSFORM = ImageTransform(1024, 512, 16)   # app / inferencer defaults

@@ -16,7 +16,6 @@ from .inferencer import Inferencer
 from .model import Bagel, Context, PackedBatch
 from .mot import AttnPlan, _merge_cache, apply_rope
 from .sampling import SamplingConfig, timestep_schedule
-from .transforms import to_rgb
 
 # %% auto #0
 __all__ = ['CONTROLS', 'SEGMENTS', 'SEGMENT_COLOURS', 'SweepCache', 'SweepResult', 'sweep_grid', 'plot_sweep', 'SegmentLog',
@@ -63,7 +62,7 @@ def _image_key(images) -> tuple:
 
 def _out_shape(inf: Inferencer, image_shape, images) -> tuple:
     "(H, W) of the output: `image_shape`, or for editing the resized last input image."
-    if image_shape is None and images: return tuple(reversed(inf.vae_transform.resize(to_rgb(images[-1])).size))
+    if image_shape is None and images: return tuple(reversed(inf.vae_transform.resize(images[-1]).size))
     if image_shape is None: raise ValueError("sweep_grid needs image_shape=(H, W) for text-to-image (no input images)")
     return inf._check_shape(image_shape)
 
@@ -221,7 +220,7 @@ class _Capture:
             self._hooks += [layer.self_attn.register_forward_pre_hook(self._attn_in),
                             layer.self_attn.register_forward_hook(self._attn_out)]
         # the traced layers must see tokens in token order (the same values: tests in 00_core_mot)
-        self._sort, self.lm.sort_by_expert = getattr(self.lm, "sort_by_expert", True), False
+        self._sort, self.lm.sort_by_expert = self.lm.sort_by_expert, False
         return self
     def __exit__(self, *exc):
         for h in self._hooks: h.remove()

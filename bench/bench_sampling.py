@@ -35,7 +35,7 @@ def main(argv=None):
     bench = ShapesWorldBench(n=a.n or cfg.bench_n, seed=cfg.seed, size=cfg.size, tasks=tuple(a.tasks), vit_size=cfg.vit_size)
     grid = list(itertools.product(a.cfg_text_scale or [cfg.cfg_text_scale], a.timestep_shift or [cfg.timestep_shift],
                                   a.num_timesteps or [cfg.num_timesteps]))
-    rows, tags, d = [], [], EvalSettings()
+    rows, tags, d, n_items = [], [], EvalSettings(), len(bench.items())
     for scale, shift, steps in grid:
         out = Path(tempfile.mkdtemp(prefix="bench_sampling_"))
         try:
@@ -47,7 +47,7 @@ def main(argv=None):
             shutil.rmtree(out, ignore_errors=True)
         m = s["metrics"]
         if not tags: tags = [k for k in m if "/" not in k and k != "overall"]
-        rows.append([a.config.name, scale, shift, steps, len(bench.items()), round(secs, 1)] + [round(m[k], 3) for k in tags])
+        rows.append([a.config.name, scale, shift, steps, n_items, round(secs, 1)] + [round(m[k], 3) for k in tags])
         print(rows[-1], flush=True)
     report("ShapesWorld-Bench under sampling settings (one trained model)", COLUMNS + tags, rows,
            notes=f"Model: `{model_dir}`. Each row samples the same held-out items with the same seeds; only the settings "

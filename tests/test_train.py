@@ -271,17 +271,22 @@ def test_shipped_vae_round_trip():
     vae = _load_vae(cfg, path.parent, path.name)
     assert vae_ceiling(cfg, vae, 24) >= 0.75      # 0.833 measured (20 of 24; the assets card); a random VAE reads 0
 
+def tiny_recipe(tmp_path, total_steps: int, save_every: int) -> Path:
+    "A recipe YAML small enough for a CPU test: 100 samples, a 2-step VAE, 512-token packs, 4 bench items."
+    import yaml
+    cfg = {"out": str(tmp_path / "run"), "n_t2i": 40, "n_edit": 20, "n_vlm": 40, "rows_per_file": 10, "row_group_size": 5,
+           "vae_steps": 2, "vae_batch_size": 4, "expected_num_tokens": 480, "max_num_tokens": 512, "bench_n": 4,
+           "num_timesteps": 3, "train": {"total_steps": total_steps, "warmup_steps": 1, "log_every": 1, "save_every": save_every,
+                                         "progress": False, "sharding_strategy": "NO_SHARD", "mixed_precision": "fp32"}}
+    path = tmp_path / "r.yaml"; path.write_text(yaml.safe_dump(cfg))
+    return path
+
 def test_bench_sampling_smoke_on_cpu(tmp_path):
     "bench/bench_sampling.py: one exported recipe model scored per sampling setting, one table appended; no model, a clear error."
-    import yaml
     from bagel.cli import train_from_config
     sys.path.insert(0, str(ROOT))
     from bench.bench_sampling import main
-    cfg = {"out": str(tmp_path / "run"), "n_t2i": 40, "n_edit": 20, "n_vlm": 40, "rows_per_file": 10, "row_group_size": 5,
-           "vae_steps": 2, "vae_batch_size": 4, "expected_num_tokens": 480, "max_num_tokens": 512, "bench_n": 4,
-           "num_timesteps": 3, "train": {"total_steps": 1, "warmup_steps": 1, "log_every": 1, "save_every": 1,
-                                         "progress": False, "sharding_strategy": "NO_SHARD", "mixed_precision": "fp32"}}
-    path = tmp_path / "r.yaml"; path.write_text(yaml.safe_dump(cfg))
+    path = tiny_recipe(tmp_path, total_steps=1, save_every=1)
     args = ["--config", str(path), "--results", str(tmp_path / "R.md")]
     with pytest.raises(FileNotFoundError, match="bagel demo"):
         main(args)
@@ -311,14 +316,9 @@ def test_compiled_layers_match_eager_on_changing_packs(tmp_path):
 @pytest.mark.slow
 def test_sweep_recipe_runs_side_by_side(tmp_path):
     "bench/sweep_recipe.py: two recipe runs as parallel processes on one shared data folder; one table row each."
-    import yaml
     sys.path.insert(0, str(ROOT))
     from bench.sweep_recipe import main
-    cfg = {"out": str(tmp_path / "unused"), "n_t2i": 40, "n_edit": 20, "n_vlm": 40, "rows_per_file": 10, "row_group_size": 5,
-           "vae_steps": 2, "vae_batch_size": 4, "expected_num_tokens": 480, "max_num_tokens": 512, "bench_n": 4,
-           "num_timesteps": 3, "train": {"total_steps": 2, "warmup_steps": 1, "log_every": 1, "save_every": 2,
-                                         "progress": False, "sharding_strategy": "NO_SHARD", "mixed_precision": "fp32"}}
-    path = tmp_path / "r.yaml"; path.write_text(yaml.safe_dump(cfg))
+    path = tiny_recipe(tmp_path, total_steps=2, save_every=2)    # its `out` is replaced per run
     base = ["--config", str(path), "--out", str(tmp_path / "sweep"), "--workers", "0", "--results", str(tmp_path / "R.md")]
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(base + ["--run", "a", "lr"])
