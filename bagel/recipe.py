@@ -256,20 +256,23 @@ def _inferencer(model, cfg: RecipeConfig):
 def _bench_settings(cfg: RecipeConfig) -> dict:
     return {"num_timesteps": cfg.num_timesteps, "cfg_text_scale": cfg.cfg_text_scale, "timestep_shift": cfg.timestep_shift}
 
-def evaluate(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
-    "ShapesWorld-Bench on the exported model (resumable); returns the summary."
+def evaluate(cfg: RecipeConfig, model,  # model: an Inferencer or the exported model dir
+             out: Path | None = None) -> dict:  # the bench folder (default cfg.out/bench); one per set of weights
+    "ShapesWorld-Bench on the exported model (resumable in `out`); returns the summary."
     from bagel.eval import ShapesWorldBench, run
-    return run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size, vit_size=cfg.vit_size), _inferencer(model, cfg), None, Path(cfg.out) / "bench",
-               _bench_settings(cfg), verbose=False, batch_size=cfg.eval_batch_size)
+    return run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size, vit_size=cfg.vit_size), _inferencer(model, cfg), None,
+               out or Path(cfg.out) / "bench", _bench_settings(cfg), verbose=False, batch_size=cfg.eval_batch_size)
 
-def evaluate_step_cache(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
+def evaluate_step_cache(cfg: RecipeConfig, model,  # model: an Inferencer or the exported model dir
+                        out: Path | None = None) -> dict:  # the bench folder (default cfg.out/bench_step_cache)
     "ShapesWorld-Bench T2I and edits with the default StepCache, and its speed-up and PSNR on held-out prompts."
     from bagel.eval import BagelEngine, ShapesWorldBench, run
     from bagel.shapesworld import heldout
     from bagel.stepcache import StepCache, cache_quality
     inf = _inferencer(model, cfg)
     summary = run(ShapesWorldBench(n=cfg.bench_n, seed=cfg.seed, size=cfg.size, tasks=("t2i", "edit"), vit_size=cfg.vit_size),
-                  BagelEngine(inf, step_cache=StepCache()), None, Path(cfg.out) / "bench_step_cache", _bench_settings(cfg), verbose=False)
+                  BagelEngine(inf, step_cache=StepCache()), None, out or Path(cfg.out) / "bench_step_cache", _bench_settings(cfg),
+                  verbose=False)
     prompts = [x["prompt"] for x in heldout(8, "t2i", seed=cfg.seed + 2)]
     q = cache_quality(inf, prompts, StepCache(), image_shape=(cfg.size, cfg.size), seed=cfg.seed,
                       **_bench_settings(cfg))
@@ -313,11 +316,14 @@ def run_shapesworld(cfg: RecipeConfig = RecipeConfig(), log=print) -> dict:
     res = stage("train", lambda: train_bagel(cfg, base, mix, log=log))
     model_dir = stage("export", lambda: export_ema(latest_checkpoint(cfg.train_config().ckpt_dir), out / "model", model_dir=base))
     inf = _inferencer(model_dir, cfg)                                  # loaded once for the three stages below
-    summary = stage("bench", lambda: evaluate(cfg, inf))
-    cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, inf)) if cfg.bench_step_cache else None
+    tag = f"step{res.step}"      # a call that resumed training scores its new weights, not the last call's done items
+    summary = stage("bench", lambda: evaluate(cfg, inf, out / "bench" / tag))
+    cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, inf, out / "bench_step_cache" / tag)) if cfg.bench_step_cache else None
     pics = stage("samples", lambda: samples(cfg, inf))
     hist = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    report = {"config": asdict(cfg), "seconds": times, "steps": res.step, "metrics": summary["metrics"],
+    train_s = sum(h["tokens"] / h["tokens_per_s"] for h in hist if h.get("tokens_per_s"))   # every call's logged steps
+    report = {"config": asdict(cfg), "seconds": times, "train_seconds_all_calls": round(train_s, 1), "steps": res.step,
+              "metrics": summary["metrics"],
               "first_log": hist[0] if hist else None, "last_log": hist[-1] if hist else None,
               "samples": pics["rows"], "model_dir": str(model_dir), "step_cache": cached, "vae_ceiling": ceiling}
     _write_report(out, report)

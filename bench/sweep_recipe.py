@@ -1,7 +1,8 @@
-"""Several ShapesWorld learning runs at once on one machine, sharing its GPU: one `bagel demo` process per run.
+"""Several ShapesWorld learning runs at once on one machine: one `bagel demo` process per run, one GPU each if it has enough.
 
 The recipe's step on a GPU is bound by its host (a 32k-token step of the GPU config ran at ~4% MFU on an H200), so
-the device has room for more than one run. Each run is
+even one device has room for more than one run. On a machine of several GPUs the runs take them in turn
+(`CUDA_VISIBLE_DEVICES`; `--gpus` limits how many), so two runs on two GPUs are each a run made alone. Each run is
 
     bagel demo --config CONFIG --set out=OUT/NAME --set num_workers=W [--set KEY=VALUE ...]
 
@@ -9,6 +10,10 @@ pinned to its own share of the CPU cores (its DataLoader workers and intra-op th
 data is written once and linked into every run whose data settings agree. When all runs have ended, one table of
 their steps, final losses and ShapesWorld-Bench scores is appended to RESULTS.md. Runs that share a device also share
 its time, so compare their steps, not only their scores, with a run made alone.
+
+The same command again continues every run from its last checkpoint (`auto_resume`): a run longer than one session
+of a machine is several calls, e.g. `--set train.max_seconds=420` in each and a `train.total_steps` for the whole.
+Each call's table row has the run's steps and training seconds so far, and scores of its latest weights.
 
     python -m bench.sweep_recipe --config configs/shapesworld_gpu.yaml --out runs/sweep \\
         --run base --run wsd train.lr_scheduler=wsd train.total_steps=3000 --run shift2 train.timestep_shift=2
@@ -18,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 DATA_FIELDS = ("n_t2i", "n_edit", "n_vlm", "rows_per_file", "row_group_size", "seed", "size", "vit_size")
-COLUMNS = ["run", "overrides", "steps", "train s", "s/step", "final ce", "final mse", "t2i", "edit", "vqa"]
+COLUMNS = ["run", "overrides", "GPU", "steps", "train s", "s/step", "final ce", "final mse", "t2i", "edit", "vqa"]
 
 def _parse_runs(runs: list) -> list:  # [[NAME, KEY=VALUE, ...], ...] -> [(name, [overrides])]
     out, seen = [], set()
@@ -34,6 +39,17 @@ def _core_shares(n: int) -> list:  # -> n disjoint lists of CPU ids
     if len(cores) < n: return [cores] * n        # fewer cores than runs: they share all of them
     k = len(cores) // n
     return [cores[i * k:(i + 1) * k] for i in range(n)]
+
+def _gpu_shares(n: int, gpus: int | None = None) -> list:  # -> n CUDA_VISIBLE_DEVICES values (None: leave it as it is)
+    "The runs take the visible GPUs in turn; with one GPU or none they all keep the process's device."
+    import torch
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in visible.split(",") if x.strip()] if visible is not None else \
+          [str(i) for i in range(torch.cuda.device_count())]       # NVML count: no CUDA context in this process
+    if gpus is not None:
+        if not 1 <= gpus <= max(1, len(ids)): raise SystemExit(f"--gpus {gpus}: this machine shows {len(ids)} GPU(s)")
+        ids = ids[:gpus]
+    return [ids[i % len(ids)] for i in range(n)] if len(ids) > 1 else [None] * n
 
 def _shared_data(cfg, data_root: Path, made: dict) -> Path:
     "The data folder of this run's data settings, written once for all runs that share them."
@@ -54,12 +70,14 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("runs/sweep"), help="one folder per run under this one")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers per run (default: its share of the cores less 2; 0 packs in the training process)")
+    ap.add_argument("--gpus", type=int, default=None, help="use the first N visible GPUs, one run on each in turn (default: all)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
     runs, shares = _parse_runs(a.run), _core_shares(len(a.run))
+    gpus = _gpu_shares(len(runs), a.gpus)
     a.out.mkdir(parents=True, exist_ok=True)
     made, procs = {}, []
-    for (name, sets), cores in zip(runs, shares):
+    for (name, sets), cores, gpu in zip(runs, shares, gpus):
         workers = a.workers if a.workers is not None else max(1, len(cores) - 2)
         sets = [f"out={a.out / name}", f"num_workers={workers}"] + sets
         cfg = RecipeConfig.from_yaml(a.config, sets)                     # a bad override fails here, before any run starts
@@ -69,27 +87,34 @@ def main(argv=None):
             link.symlink_to(_shared_data(cfg, a.out / "_data", made).resolve(), target_is_directory=True)
         cmd = [sys.executable, "-c", "import sys; from bagel.cli import main; sys.exit(main(sys.argv[1:]))",
                "demo", "--config", str(a.config)] + [x for s in sets for x in ("--set", s)]
-        log = open(Path(cfg.out) / "log.txt", "w")
-        procs.append((name, sets[2:], cfg, log, subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c))
+        log = open(Path(cfg.out) / "log.txt", "a")                        # a resumed run's log continues
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[3:])}\n"); log.flush()
+        env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})
+        procs.append((name, sets[2:], gpu, cfg, log, subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c))
             if hasattr(os, "sched_setaffinity") else None)))
-        print(f"started {name}: cores {cores[0]}-{cores[-1]}, {workers} data workers, {' '.join(sets[2:]) or 'no overrides'}", flush=True)
+        print(f"started {name}: cores {cores[0]}-{cores[-1]}, {workers} data workers"
+              f"{f', GPU {gpu}' if gpu is not None else ''}, {' '.join(sets[2:]) or 'no overrides'}", flush=True)
     t0, rows, failed = time.perf_counter(), [], []
-    for name, sets, cfg, log, p in procs:
+    for name, sets, gpu, cfg, log, p in procs:
         rc = p.wait(); log.close()
         print(f"{name}: exit {rc} after {time.perf_counter() - t0:.0f} s (log: {Path(cfg.out) / 'log.txt'})", flush=True)
         rep = Path(cfg.out) / "report.json"
         if rc != 0 or not rep.exists(): failed.append(name); continue
         r = json.loads(rep.read_text())
-        m, last, secs = r["metrics"], r["last_log"] or {}, r["seconds"]["train"]
-        rows.append([name, " ".join(sets) or "-", r["steps"], secs, round(secs / max(1, r["steps"]), 3),
+        m, last, secs = r["metrics"], r["last_log"] or {}, r["train_seconds_all_calls"]
+        rows.append([name, " ".join(sets) or "-", gpu if gpu is not None else "-", r["steps"], secs, round(secs / max(1, r["steps"]), 3),
                      round(last.get("ce", float("nan")), 3), round(last.get("mse", float("nan")), 4)]
                     + [round(m[k], 3) if k in m else "-" for k in ("t2i", "edit", "vqa")])
     if rows:
+        own = len(set(gpus)) == len(gpus) and None not in gpus
+        where = ("each on its own GPU, so each made the steps of a run alone" if own else
+                 "sharing the device's time, so a run alone makes more steps in the same seconds")
         report(f"ShapesWorld learning runs side by side: {len(procs)} `bagel demo` processes on one machine ({a.config.name})",
-               COLUMNS, rows, notes=f"All runs at once on {device_name()}, each on {len(shares[0])} CPU cores; they share the "
-                                    "device's time, so a run alone makes more steps in the same seconds. Reports: "
-                                    f"`{a.out}/<run>/report.md`." + (f" Failed: {', '.join(failed)} (see their log.txt)." if failed else ""),
+               COLUMNS, rows, notes=f"All runs at once on {device_name()}, each on {len(shares[0])} CPU cores, {where}. "
+                                    "Steps and train s count every call of a resumed run (train s: the logged steps' "
+                                    f"seconds); the scores are its latest weights'. Reports: `{a.out}/<run>/report.md`."
+                                    + (f" Failed: {', '.join(failed)} (see their log.txt)." if failed else ""),
                results=a.results or RESULTS)
     if failed: raise SystemExit(f"runs failed: {', '.join(failed)}")
     return rows

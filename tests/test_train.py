@@ -323,9 +323,25 @@ def test_sweep_recipe_runs_side_by_side(tmp_path):
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(base + ["--run", "a", "lr"])
     rows = main(base + ["--run", "a", "--run", "b", "train.max_grad_norm=0.5"])
-    assert [r[:3] for r in rows] == [["a", "-", 2], ["b", "train.max_grad_norm=0.5", 2]]
+    assert [r[:4] for r in rows] == [["a", "-", "-", 2], ["b", "train.max_grad_norm=0.5", "-", 2]]
     links = [tmp_path / "sweep" / n / "shapesworld" for n in "ab"]
     assert all(l.is_symlink() for l in links) and len({l.resolve() for l in links}) == 1    # the data, written once
     assert all(json.loads((tmp_path / "sweep" / n / "report.json").read_text())["config"]["train"]["max_grad_norm"] == g
                for n, g in (("a", 1.0), ("b", 0.5)))
     assert "side by side" in (tmp_path / "R.md").read_text()
+    # the same command with a later end continues both runs: steps and seconds of both calls, the new weights scored
+    again = main(base + ["--run", "a", "train.total_steps=4", "--run", "b", "train.max_grad_norm=0.5", "train.total_steps=4"])
+    assert [r[3] for r in again] == [4, 4] and all(b[4] > a[4] for a, b in zip(rows, again))
+    assert sorted(p.name for p in (tmp_path / "sweep" / "a" / "bench").iterdir()) == ["step2", "step4"]
+    assert (tmp_path / "sweep" / "a" / "log.txt").read_text().count("== ") >= 2      # one log, both calls
+
+def test_sweep_recipe_gpu_shares(monkeypatch):
+    "sweep_recipe: runs take the visible GPUs in turn; one GPU (or none) leaves the device alone; --gpus limits them."
+    sys.path.insert(0, str(ROOT))
+    from bench.sweep_recipe import _gpu_shares
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert _gpu_shares(3) == ["2", "5", "2"] and _gpu_shares(2, gpus=1) == [None, None]
+    with pytest.raises(SystemExit, match="shows 2 GPU"):
+        _gpu_shares(2, gpus=3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert _gpu_shares(2) == [None, None]
