@@ -89,7 +89,9 @@ def parallelize(model: Bagel,      # built on any device, usually `meta`
             m.compile(dynamic=True)
     if mesh is None: return model                                       # one process: nothing to shard
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    # bf16 weights and gradient reduction; no cast of forward inputs: the step runs under autocast as on one process,
+    # and a cast would turn fp32 timesteps and RoPE tables to bf16 and rebuild each layer's MoTStep (its plan too)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, cast_forward_inputs=False)
           if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
     for m in units["decoder"]: fully_shard(m, mesh=mesh, mp_policy=mp)  # 3. one FSDP unit per decoder layer
     fully_shard(model, mesh=mesh, mp_policy=mp)                         #    then the root (all the rest)

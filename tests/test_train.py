@@ -345,3 +345,37 @@ def test_sweep_recipe_gpu_shares(monkeypatch):
         _gpu_shares(2, gpus=3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert _gpu_shares(2) == [None, None]
+
+def test_bf16_fsdp_forward_keeps_its_inputs(tmp_path):
+    "parallelize(mixed_precision='bf16') on a mesh: FSDP leaves forward inputs alone (the step runs under autocast), so every decoder layer gets the one MoTStep of the forward, attention plan and fp32 tables as they are."
+    import torch.distributed as dist
+    from bagel.distributed import make_mesh, parallelize
+    from bagel.model import Bagel
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        bc = BagelConfig.tiny()
+        torch.manual_seed(0)
+        m = parallelize(Bagel(bc), make_mesh("FULL_SHARD", device_type="cpu"), TrainConfig.tiny(mixed_precision="bf16"))
+        steps = []
+        for layer in m.language_model.model.layers: layer.register_forward_pre_hook(lambda mod, args: steps.append(args[1]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):     # with FSDP's input cast: ValueError from dataclasses.replace
+            out = m.forward_train(next(iter(SyntheticBatches(bc, seed=3))), torch.Generator().manual_seed(0))
+        assert len(steps) == bc.llm.num_hidden_layers and all(s is steps[0] for s in steps)
+        assert torch.isfinite(out.velocity_pred).all()
+        (out.velocity_pred.float().square().mean() + out.ce_logits.float().logsumexp(-1).mean()).backward()
+        grads = [p.grad for p in m.language_model.model.layers[0].parameters()]
+        assert all(g is not None and g.dtype == torch.float32 for g in grads)     # reduced in bf16, kept in fp32 shards
+    finally:
+        dist.destroy_process_group()
+
+@pytest.mark.slow
+def test_check_hybrid_on_cpu(tmp_path):
+    "bench/check_hybrid.py end to end on CPU (2 gloo processes, HYBRID_SHARD 1 x 2 vs one process accumulating 2 packs): both curves, their comparison."
+    path = tiny_recipe(tmp_path, total_steps=1, save_every=1)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "check_hybrid.py"), "--config", str(path), "--steps", "3",
+                        "--gpus", "2", "--out", str(tmp_path / "ch")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads((tmp_path / "ch" / "curves.json").read_text())
+    assert [len(got["curves"][k]) for k in ("gpus1", "gpus2")] == [3, 3] and got["mean_abs_diff"] >= 0
+    assert (tmp_path / "ch" / "curves.png").stat().st_size > 0 and "mean |loss difference|" in r.stdout
