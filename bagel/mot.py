@@ -223,7 +223,11 @@ def _int_tuple(name, xs, lo):
     if any(x < lo for x in xs): raise ValueError(f"AttnPlan.{name} must hold ints >= {lo}, got {list(xs)}")
     return xs
 
-@dataclass(frozen=True)
+# Not `frozen=True`, though nothing mutates a plan after __post_init__: torch.compile (dynamo up to torch 2.11) builds
+# guards on every field of a frozen dataclass that reaches a compiled frame, memo included, so a compiled decoder
+# layer recompiled for every pack (`bench/RESULTS.md`). A plain dataclass is read lazily, attribute by attribute.
+# unsafe_hash keeps the frozen class's hash and equality (the four tuples; the memo is not compared).
+@dataclass(unsafe_hash=True)
 class AttnPlan:
     "Who sees whom in one forward over a packed batch of sequences."
     q_lens: tuple  # new (query) tokens per sequence
@@ -579,7 +583,7 @@ class KVCache:
 # %% ../nbs/00_core_mot.ipynb #bbdd003b
 OVERLAY_FRACTION = 1 / 16  # Routing: the largest share of minority-expert rows for which the majority expert runs on all rows
 
-@dataclass(frozen=True)
+@dataclass(eq=False)   # not frozen, like AttnPlan: it reaches compiled decoder layers
 class Routing:
     "Token-to-expert assignment of one forward: und/gen index tensors and the inverse permutation."
     und_idx: Tensor | None = None  # [n_und] long; None when not mixed
@@ -633,7 +637,7 @@ class Routing:
             return y.index_put((idx,), rows.to(y.dtype))
         y[idx] = rows.to(y.dtype); return y
 
-@dataclass(frozen=True)
+@dataclass(eq=False)   # not frozen, like AttnPlan: it reaches compiled decoder layers
 class ExpertOrder:
     "One permutation for a whole forward: und tokens first, then gen tokens (each in token order), and its inverse."
     order: Tensor  # [n] long: the token at each sorted row
@@ -652,7 +656,7 @@ class ExpertOrder:
     def unsort(self, t: Tensor) -> Tensor: return take_rows(t, self.inv, None, self.order)   # expert order -> token order
     def routing(self) -> Routing: return Routing(n_und=self.n_und)
 
-@dataclass(frozen=True)
+@dataclass(eq=False)   # not frozen, like AttnPlan: every compiled decoder layer gets it
 class MoTStep:
     "What every decoder layer needs for one forward."
     cos: Tensor  # [n, d] RoPE tables

@@ -313,6 +313,21 @@ def test_compiled_layers_match_eager_on_changing_packs(tmp_path):
     assert counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])    # 4 measured; traced attention: 17 (a graph per pack)
     torch._dynamo.reset()
 
+def test_no_frozen_dataclass_reaches_a_decoder_layer():
+    "What a (compiled) decoder layer is given holds no frozen dataclass: dynamo up to torch 2.11 guards every field of one (the plan's memo, its lengths), and on an H200 each pack recompiled."
+    from dataclasses import fields, is_dataclass
+    from bagel.model import Bagel
+    bc = BagelConfig.tiny()
+    m, seen = Bagel(bc), []
+    m.language_model.model.layers[0].register_forward_pre_hook(lambda mod, args: seen.extend(args))
+    m.forward_train(next(iter(SyntheticBatches(bc, seed=3))), torch.Generator().manual_seed(0))
+    def walk(x, path):
+        if is_dataclass(x) and not isinstance(x, type):
+            assert not x.__dataclass_params__.frozen, f"{path} ({type(x).__name__}) is a frozen dataclass"
+            for f in fields(x): walk(getattr(x, f.name), f"{path}.{f.name}")
+    for i, a in enumerate(seen): walk(a, f"arg{i}")
+    assert any(is_dataclass(a) for a in seen)          # the MoTStep (plan, routing, expert order) was there
+
 @pytest.mark.slow
 def test_sweep_recipe_runs_side_by_side(tmp_path):
     "bench/sweep_recipe.py: two recipe runs as parallel processes on one shared data folder; one table row each."
