@@ -223,9 +223,9 @@ def _int_tuple(name, xs, lo):
     if any(x < lo for x in xs): raise ValueError(f"AttnPlan.{name} must hold ints >= {lo}, got {list(xs)}")
     return xs
 
-# Not `frozen=True`, though nothing mutates a plan after __post_init__: torch.compile (dynamo up to torch 2.11) builds
-# guards on every field of a frozen dataclass that reaches a compiled frame, memo included, so a compiled decoder
-# layer recompiled for every pack (`bench/RESULTS.md`). A plain dataclass is read lazily, attribute by attribute.
+# Not `frozen=True`, though nothing mutates a plan after __post_init__: dynamo in torch 2.11 (not 2.13) builds guards
+# on every field of a frozen dataclass that reaches a compiled frame, memo included, so a compiled decoder layer
+# recompiled for every pack (`bench/RESULTS.md`). A plain dataclass is read lazily, attribute by attribute.
 # unsafe_hash keeps the frozen class's hash and equality (the four tuples; the memo is not compared).
 @dataclass(unsafe_hash=True)
 class AttnPlan:
