@@ -13,7 +13,7 @@ import torch
 
 from .model import BagelConfig
 from .shapesworld import check_mix_weights, vit_side
-from .train import TrainConfig
+from .train import TrainConfig, read_metrics
 
 # %% auto #0
 __all__ = ['apply_overrides', 'RecipeConfig', 'train_recipe_vae', 'make_base_dir', 'make_data', 'packed_data', 'train_bagel',
@@ -320,7 +320,7 @@ def run_shapesworld(cfg: RecipeConfig = RecipeConfig(), log=print) -> dict:
     summary = stage("bench", lambda: evaluate(cfg, inf, out / "bench" / tag))
     cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, inf, out / "bench_step_cache" / tag)) if cfg.bench_step_cache else None
     pics = stage("samples", lambda: samples(cfg, inf))
-    hist = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    hist = read_metrics(out / "run")
     train_s = sum(h["tokens"] / h["tokens_per_s"] for h in hist if h.get("tokens_per_s"))   # every call's logged steps
     report = {"config": asdict(cfg), "seconds": times, "train_seconds_all_calls": round(train_s, 1), "steps": res.step,
               "metrics": summary["metrics"],

@@ -24,7 +24,7 @@ from .testing import toy_packed_batch
 # %% auto #0
 __all__ = ['PEAK_TFLOPS', 'TrainConfig', 'Losses', 'local_counts', 'reduce_losses', 'lr_factor', 'make_optimizer', 'EMA',
            'model_config', 'apply_freeze_', 'build_model', 'detect_peak_tflops', 'dense_params', 'train_flops',
-           'SyntheticBatches', 'train_step', 'TrainResult', 'train']
+           'SyntheticBatches', 'train_step', 'TrainResult', 'read_metrics', 'train']
 
 # %% ../nbs/30_train_fsdp.ipynb #8b11f6ee
 @dataclass
@@ -463,11 +463,15 @@ def _peak_mem_gib() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
+def read_metrics(results_dir: str | Path) -> list:  # -> one dict per logged step, oldest first
+    "The records a run logged in `{results_dir}/metrics.jsonl` ([] before its first log)."
+    path = Path(results_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+
 def _write_metrics(path: Path, rec: dict | None, keep_until: int | None = None):
     "Append a record (rank 0); or, on resume, drop records after step keep_until."
     if keep_until is not None:
-        lines = path.read_text().splitlines() if path.is_file() else []
-        path.write_text("".join(l + "\n" for l in lines if l.strip() and json.loads(l)["step"] <= keep_until))
+        path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path.parent) if r["step"] <= keep_until))
     if rec is not None:
         with open(path, "a") as f: f.write(json.dumps(rec) + "\n")
 

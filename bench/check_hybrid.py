@@ -30,7 +30,8 @@ def _run(config, out, steps, accum, sharding, shard, base, mix, log=print):
     return time.perf_counter() - t0
 
 def _curve(run_dir: Path) -> list:
-    return [json.loads(l) for l in (run_dir / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    from bagel.train import read_metrics
+    return read_metrics(run_dir / "run")
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -88,7 +88,7 @@ def main(argv=None):
         cmd = [sys.executable, "-c", "import sys; from bagel.cli import main; sys.exit(main(sys.argv[1:]))",
                "demo", "--config", str(a.config)] + [x for s in sets for x in ("--set", s)]
         log = open(Path(cfg.out) / "log.txt", "a")                        # a resumed run's log continues
-        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[3:])}\n"); log.flush()
+        log.write(f"== call {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[3:])}\n"); log.flush()
         env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})
         procs.append((name, sets[2:], gpu, cfg, log, subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c))

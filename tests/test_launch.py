@@ -1,5 +1,4 @@
 """submitit launches of the training recipe: a local job with 2 tasks trains, and a second job resumes it."""
-import json
 from pathlib import Path
 
 import pytest
@@ -7,6 +6,7 @@ import yaml
 
 from bagel.cli import train_from_config
 from bagel.launch import LaunchConfig, launch
+from bagel.train import read_metrics
 
 def _recipe(tmp: Path, total_steps: int) -> Path:
     cfg = {"out": str(tmp / "run"), "n_t2i": 40, "n_edit": 20, "n_vlm": 40, "rows_per_file": 10, "row_group_size": 5,
@@ -26,5 +26,5 @@ def test_local_two_task_job_trains_then_resumes(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "run" / "run" / "checkpoints").iterdir())
     assert ckpts[-1].endswith("0000002")
     launch(train_from_config, _recipe(tmp_path, 4), cfg=lc).results()               # a longer schedule: auto-resume
-    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "run")]
     assert steps == [1, 2, 3, 4]                                                       # continued, nothing repeated

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from bagel.distributed import export_ema, latest_checkpoint
 from bagel.model import BagelConfig
 from bagel.train import (EMA, SyntheticBatches, TrainConfig, build_model, local_counts, make_optimizer, model_config,
-                         reduce_losses, train)
+                         read_metrics, reduce_losses, train)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -33,7 +33,7 @@ def run_worker(args: list, nproc: int = 0, check: bool = True) -> subprocess.Com
 
 def cfg_json(cfg: TrainConfig) -> list: return ["--config", json.dumps(asdict(cfg))]
 
-def metrics(run: Path) -> list: return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
@@ -348,7 +348,7 @@ def test_sweep_recipe_runs_side_by_side(tmp_path):
     again = main(base + ["--run", "a", "train.total_steps=4", "--run", "b", "train.max_grad_norm=0.5", "train.total_steps=4"])
     assert [r[3] for r in again] == [4, 4] and all(b[4] > a[4] for a, b in zip(rows, again))
     assert sorted(p.name for p in (tmp_path / "sweep" / "a" / "bench").iterdir()) == ["step2", "step4"]
-    assert (tmp_path / "sweep" / "a" / "log.txt").read_text().count("== ") >= 2      # one log, both calls
+    assert (tmp_path / "sweep" / "a" / "log.txt").read_text().count("== call ") == 2   # one log, both calls
 
 def test_sweep_recipe_gpu_shares(monkeypatch):
     "sweep_recipe: runs take the visible GPUs in turn; one GPU (or none) leaves the device alone; --gpus limits them."
