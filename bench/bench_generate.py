@@ -56,11 +56,18 @@ def main():
     ap.add_argument("--embeddings", action="store_true", help="quantise the token table too (quantize_(embeddings=True))")
     ap.add_argument("--low-memory-decode", action="store_true", help="VAE decode in strips (Inferencer(low_memory_decode=True))")
     ap.add_argument("--profile", action="store_true", help="print the op table of one generation at the first size (no row)")
+    ap.add_argument("--fast", action="store_true", help="with --profile: the denoising passes as CUDA graph replays (fast=True)")
+    ap.add_argument("--fused", action="store_true", help="with --profile: RMSNorm, SwiGLU and RoPE compiled (bagel.fast.fuse_)")
     a = ap.parse_args()
     if a.quant: return main_quant(a)
     from bench.common import report, timed_peak
     inf = build()
+    if a.fused:
+        from bagel.fast import fuse_
+        fuse_(inf.model)
+    inf.fast = a.fast
     if a.profile: return profile(inf, a.sizes[0], a.steps)
+    if a.fast or a.fused: raise SystemExit("--fast and --fused go with --profile; bench_speed times those paths")
     rows = []
     for size in a.sizes:
         secs, peak, _ = timed_peak(lambda: t2i(inf, size, a.steps))
@@ -76,7 +83,7 @@ def profile(inf, size: int, steps: int):
     secs = {}
     def run():
         t0 = time.perf_counter(); t2i(inf, size, steps); sync(); secs["wall"] = time.perf_counter() - t0
-    print(op_tables(run, rows=30))
+    print(op_tables(run, sorts=("self_cuda_time_total", "self_cpu_time_total"), rows=30))
     print(f"one {size}x{size} image ({steps} timesteps): {secs['wall']:.2f} s wall under the profiler; "
           "the device and host totals are the table's last two lines")
 
