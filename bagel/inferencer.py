@@ -122,23 +122,27 @@ def gen_text(self: Inferencer, ctxs: list,
              do_sample: bool = False,          # sample from softmax(logits / temperature) instead of argmax
              temperature: float = 1.0,
              generator: torch.Generator | None = None,
-             fast: bool | None = None) -> list:  # static KV buffers (+ CUDA graph on GPU); None: self.fast
+             fast: bool | None = None,         # static KV buffers (+ CUDA graph on GPU); None: self.fast
+             prefix: list | None = None) -> list:  # per context, token ids (a text block) prefilled in the first step's forward
     "Decode text after each context (on forks; the contexts are not modified)."
     if max_length < 1: raise ValueError(f"max_length must be >= 1, got {max_length}")
     if do_sample and temperature <= 0: raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if prefix is not None and len(prefix) != len(ctxs): raise ValueError(f"{len(prefix)} prefixes for {len(ctxs)} contexts")
     tk, m = self.config.tokens, self.model
     out, done = [[] for _ in ctxs], [False] * len(ctxs)
     tokens = [tk.bos_token_id] * len(ctxs)                          # the token each sequence feeds next
+    live, first = [c.fork() for c in ctxs], None
+    if prefix is not None:                                          # one forward for the prefix and <|im_start|>
+        first = m.extend_text(live, [[*p, tk.bos_token_id] for p in prefix], return_logits=True)
     if self.fast if fast is None else fast:
         from bagel.fast import StaticDecoder
-        dec = StaticDecoder(m, ctxs, max_length)                    # every sequence steps; finished ones are ignored
+        dec = StaticDecoder(m, live, max_length)                    # every sequence steps; finished ones are ignored
         step = lambda idx: dec(tokens)[idx]
     else:
-        live = [c.fork() for c in ctxs]
         step = lambda idx: m.extend_text([live[i] for i in idx], [[tokens[i]] for i in idx], return_logits=True)
-    for _ in range(max_length):
+    for n in range(max_length):
         idx = [i for i, d in enumerate(done) if not d]
-        logits = step(idx).float()
+        logits = (first if n == 0 and first is not None else step(idx)).float()
         if do_sample:
             probs = torch.softmax(logits / temperature, dim=-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
@@ -276,9 +280,9 @@ def understand(self: Inferencer, images, question: str | list, think: bool = Fal
     for k in range(max(len(x) for x in per)):
         sel = [i for i, x in enumerate(per) if k < len(x)]
         self.add_image([ps[i] for i in sel], [per[i][k] for i in sel], vae=False)
-    self.add_text(ps, questions, to_img=False)
+    ids = [self._text_ids(q, p.cond) for p, q in zip(ps, questions)]   # the question rides the first step's forward
     return self.gen_text([p.cond for p in ps], max_length=max_length, do_sample=do_sample, temperature=temperature,
-                         generator=generator)
+                         generator=generator, prefix=ids)
 
 Inferencer.understand = understand
 

@@ -58,7 +58,8 @@ def run_understanding(inf, tokens: int, scale: int = 1, fast: bool = False) -> l
     inf.fast = fast                                   # decode through bagel.fast.StaticDecoder (CUDA graph)
     img = Image.new("RGB", (980 // scale, 980 // scale), (90, 140, 200))
     q = "Describe this picture in detail."
-    pre, _, _ = timed_peak(lambda: inf.understand(img, q, max_length=1))
+    from bench.common import timeit
+    pre = timeit(lambda: inf.understand(img, q, max_length=1), warmup=2, iters=7)   # median: single calls vary by ~30%
     full, peak, ans = timed_peak(lambda: inf.understand(img, q, max_length=tokens + 1))
     n = max(1, len(ans[0].split()))                   # the bench tokenizer decodes one word per id
     per = (full - pre) / n
@@ -112,7 +113,7 @@ def main(argv=None):
                ["workload", "shape", "seconds", "floor (s or ms/token)", "floor / time", "peak GiB"], rows,
                notes="Generation: 50 timesteps, timestep_shift 3, VAE (bf16, GPU) decode included; t2i: text CFG 4 on "
                      "[0.4, 1] (90 decoder passes); edit: text CFG 4, image CFG 2 on [0, 1], text_channel. und: the "
-                     "seconds are the prefill (ViT + context + first token); decode time per token after it; `und fast`: decoding with "
+                     "seconds are the prefill (ViT + context + first token; median of 7 after 2 warm-ups); decode time per token after it; `und fast`: decoding with "
                      "static KV buffers replayed as a CUDA graph; `... fast` generation rows: the denoising passes replayed as "
                      "CUDA graphs (`fast=True`, bagel.fast), captured in the warm-up run and replayed in the timed one (the Inferencer "
                      "keeps them: `inf.graphs`)."

@@ -66,6 +66,24 @@ def test_gen_text_greedy_matches_a_manual_loop_and_leaves_context(inf):
         ids.append(tok)
     assert text == inf.tokenizer.decode(ids).split("<|im_end|>")[0]
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_prefix_rides_the_first_step(inf, fast):
+    "gen_text(prefix=...) prefills a block and <|im_start|> in one forward: the same answer as a block, then decoding."
+    m = inf.model
+    ctx = m.new_context(); m.extend_text([ctx], [m.text_block(inf.tokenizer.encode("two red squares"))])
+    q = m.text_block(inf.tokenizer.encode("how many squares?"))
+    n = len(ctx)
+    merged = inf.gen_text([ctx, ctx], max_length=6, prefix=[q, q[:3]], fast=fast)
+    assert len(ctx) == n                                   # still on forks
+    for block, got in zip([q, q[:3]], merged):
+        two = ctx.fork(); m.extend_text([two], [block])
+        assert got == inf.gen_text([two], max_length=6, fast=fast)[0]
+    one, two = ctx.fork(), ctx.fork()                      # the first step's logits, one forward vs two
+    a = m.extend_text([one], [[*q, inf.config.tokens.bos_token_id]], return_logits=True)
+    m.extend_text([two], [q]); b = m.extend_text([two], [[inf.config.tokens.bos_token_id]], return_logits=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="2 prefixes for 1 contexts"): inf.gen_text([ctx], prefix=[q, q])
+
 def test_sampled_text_is_reproducible(inf):
     ctx = inf.model.new_context(); inf.model.extend_text([ctx], [inf.model.text_block([5, 6])])
     run = lambda s: inf.gen_text([ctx], max_length=8, do_sample=True, temperature=1.0, generator=torch.Generator().manual_seed(s))
