@@ -110,8 +110,12 @@ def main(argv=None):
         own = len(set(gpus)) == len(gpus) and None not in gpus
         where = ("each on its own GPU, so each made the steps of a run alone" if own else
                  "sharing the device's time, so a run alone makes more steps in the same seconds")
-        report(f"ShapesWorld learning runs side by side: {len(procs)} `bagel demo` processes on one machine ({a.config.name})",
-               COLUMNS, rows, notes=f"All runs at once on {device_name()}, each on {len(shares[0])} CPU cores, {where}. "
+        title, how = (f"ShapesWorld learning runs side by side: {len(procs)} `bagel demo` processes on one machine",
+                      f"All runs at once on {device_name()}, each on {len(shares[0])} CPU cores, {where}. ")
+        if len(procs) == 1:
+            title, how = "ShapesWorld learning run: one `bagel demo` process", f"Alone on {device_name()}, on {len(shares[0])} CPU cores. "
+        report(f"{title} ({a.config.name})",
+               COLUMNS, rows, notes=how +
                                     "Steps and train s count every call of a resumed run (train s: the logged steps' "
                                     f"seconds); the scores are its latest weights'. Reports: `{a.out}/<run>/report.md`."
                                     + (f" Failed: {', '.join(failed)} (see their log.txt)." if failed else ""),

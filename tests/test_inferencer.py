@@ -82,6 +82,8 @@ def test_prefix_rides_the_first_step(inf, fast):
     a = m.extend_text([one], [[*q, inf.config.tokens.bos_token_id]], return_logits=True)
     m.extend_text([two], [q]); b = m.extend_text([two], [[inf.config.tokens.bos_token_id]], return_logits=True)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    one_token = inf.gen_text([ctx], max_length=1, prefix=[q], fast=fast)[0]     # the prefill's token; no decoder is built
+    assert merged[0].startswith(one_token)
     with pytest.raises(ValueError, match="2 prefixes for 1 contexts"): inf.gen_text([ctx], prefix=[q, q])
 
 def test_sampled_text_is_reproducible(inf):
