@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--fused", action="store_true", help="with --profile: RMSNorm, SwiGLU and RoPE compiled (bagel.fast.fuse_)")
     a = ap.parse_args()
     if a.quant: return main_quant(a)
+    if (a.fast or a.fused) and not a.profile: raise SystemExit("--fast and --fused go with --profile; bench_speed times those paths")
     from bench.common import report, timed_peak
     inf = build()
     if a.fused:
@@ -67,7 +68,6 @@ def main():
         fuse_(inf.model)
     inf.fast = a.fast
     if a.profile: return profile(inf, a.sizes[0], a.steps)
-    if a.fast or a.fused: raise SystemExit("--fast and --fused go with --profile; bench_speed times those paths")
     rows = []
     for size in a.sizes:
         secs, peak, _ = timed_peak(lambda: t2i(inf, size, a.steps))

@@ -55,6 +55,19 @@ def vae_decode_time(side: int) -> float:
     z = torch.randn(1, cfg.z_channels, side // 8, side // 8, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad(): return cuda_time(lambda: vae.decode(z), warmup=2, iters=5)
 
+def floors(t: dict, vae: float) -> tuple:  # -> (T2I seconds, edit seconds)
+    """The two workloads' kernel floors from per-kernel seconds: `t[name, m]` for each product at m tokens, and
+    `t["attn", what]` for one branch's attention ("t2i", "edit context", "edit no-image"); `vae`: the decode."""
+    mm = lambda m: (min(t["qkv", m], t["q", m] + t["k", m] + t["v", m]) + t["o", m]
+                    + min(t["gate_up", m], t["gate", m] + t["up", m]) + t["down", m])
+    t2i = LAYERS * (T2I_PASSES["cfg"] * (mm(8192) + 2 * t["attn", "t2i"]) + T2I_PASSES["single"] * (mm(4096) + t["attn", "t2i"]))
+    edit = LAYERS * 49 * (mm(8192) + mm(4096) + 2 * t["attn", "edit context"] + t["attn", "edit no-image"])
+    return t2i + vae, edit + vae
+
+def kv_lengths(prompt: int, n: int = 4096) -> dict:
+    "Keys per branch: T2I (latents + prompt); edit with the source image's 4096 VAE and 4900 ViT tokens, and without."
+    return {"t2i": n + prompt, "edit context": n + 4096 + 4900 + prompt, "edit no-image": n + prompt}
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=int, default=64, help="text tokens of a T2I prompt's context")
@@ -70,7 +83,7 @@ def main(argv=None):
             s = linear_time(m, k, n); t[name, m] = s
             rows.append([f"linear {name}", f"{m} x {k} -> {n}", round(s * 1e3, 3), round(2 * m * k * n / s / 1e12)])
     n = 4096
-    kv = {"t2i": n + a.prompt, "edit context": n + 4096 + 4900 + a.prompt, "edit no-image": n + a.prompt}
+    kv = kv_lengths(a.prompt, n)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
     for what, L in kv.items():
         best = float("inf")
@@ -80,9 +93,7 @@ def main(argv=None):
             if s == s: best = min(best, s)
         t["attn", what] = best
     vae = vae_decode_time(1024); rows.append(["VAE decode", "1024x1024", round(vae * 1e3, 1), ""])
-    mm = lambda m: min(t["qkv", m], t["q", m] + t["k", m] + t["v", m]) + t["o", m] + min(t["gate_up", m], t["gate", m] + t["up", m]) + t["down", m]
-    t2i = LAYERS * (T2I_PASSES["cfg"] * (mm(8192) + 2 * t["attn", "t2i"]) + T2I_PASSES["single"] * (mm(4096) + t["attn", "t2i"])) + vae
-    edit = LAYERS * 49 * (mm(8192) + mm(4096) + 2 * t["attn", "edit context"] + t["attn", "edit no-image"]) + vae
+    t2i, edit = floors(t, vae)
     floors = (f"Kernel floor, T2I 1024² (41 two-branch passes + 8 one-branch passes, 28 layers, + VAE decode): **{t2i:.2f} s** "
               f"(the issue's arithmetic floor: 6.9 s; goal 7.7 s). Edit 1024² (49 steps x 3 branches; keys: the 4096 latents, "
               f"the source's 4096 VAE and 4900 ViT tokens, {a.prompt} text): **{edit:.2f} s** (issue: 12.2 s; goal 14 s).")

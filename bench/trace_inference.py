@@ -1,7 +1,7 @@
 """Profiler traces of understanding prefill and one text-to-image call at full size (random bf16 weights, `fuse_`).
 
-Prints the median prefill (980² image + question, first token) of 7 calls and of 2 T2I calls, then, for one more of
-each, the op table by device time, and writes the Chrome traces (gzipped) to `--out` for a timeline: the inferencer's
+Prints the sorted times of 7 prefills (980² image + question, first token) and of 2 T2I calls, then, for one more
+of each, the op table by device time, and writes the Chrome traces (gzipped) to `--out` for a timeline: the inferencer's
 phases (`P:extend_vit`, `P:vit_forward`, `P:extend_text`, `P:gen_text`, `P:decode_latents`) are labelled ranges.
 
     python -m bench.trace_inference --size 1024 --out traces/
@@ -19,7 +19,7 @@ def labelled(obj, name: str, label: str):
         with record_function(label): return f(*a, **k)
     setattr(obj, name, g)
 
-def median_times(fn, n: int, warmup: int) -> list:
+def sorted_times(fn, n: int, warmup: int) -> list:
     for _ in range(warmup): fn()
     ts = []
     for _ in range(n):
@@ -54,10 +54,10 @@ def main(argv=None):
     labelled(m.vit_model, "forward", "P:vit_forward")
     img = Image.new("RGB", (980, 980), (90, 140, 200))
     prefill = lambda: inf.understand(img, "Describe this picture in detail.", max_length=1)
-    print("prefill s (7, sorted):", [round(x, 4) for x in median_times(prefill, 7, 2)], flush=True)
+    print("prefill s (7, sorted):", [round(x, 4) for x in sorted_times(prefill, 7, 2)], flush=True)
     print(trace(prefill, a.out / "prefill.json.gz"), flush=True)
     if a.size:
-        print(f"t2i {a.size} s (2, sorted):", [round(x, 3) for x in median_times(lambda: t2i(inf, a.size), 2, 1)], flush=True)
+        print(f"t2i {a.size} s (2, sorted):", [round(x, 3) for x in sorted_times(lambda: t2i(inf, a.size), 2, 1)], flush=True)
         print(trace(lambda: t2i(inf, a.size), a.out / f"t2i{a.size}.json.gz"), flush=True)
 
 if __name__ == "__main__":
