@@ -8,6 +8,11 @@ ceiling bounds what the T2I and edit scores can show. Appends one table to RESUL
     python -m bench.bench_vae --config configs/shapesworld_gpu.yaml --steps 1000 2000 4000      # one GPU
     python -m bench.bench_vae --steps 2000 --vae-ch 32 64 --save vaes/      # two widths; keep each VAE for `vae_weights:`
     python -m bench.bench_vae --config configs/shapesworld_cpu.yaml --steps 250 --n 24          # CPU
+    python -m bench.bench_vae --weights assets/shapesworld_vae_64px.safetensors --n 600         # a trained VAE, per category
+
+`--weights` trains nothing: it scores a saved VAE per category of the benchmark's tasks, each with that task's own
+judge (a T2I prompt's spec on the round-tripped render of its held-out scene; an edit's check on the round-tripped
+target), so a category's ceiling is what a perfect generator could score through this decoder.
 """
 import argparse, dataclasses, time
 from pathlib import Path
@@ -29,6 +34,26 @@ def bench(cfg, steps: int, batch_size: int, n: int, save: Path | None = None) ->
         save_file_atomic({k: v.cpu() for k, v in vae.state_dict().items()}, save / f"ae_ch{cfg.model_config().vae.ch}_{steps}.safetensors")
     return [cfg.model_config().vae.ch, steps, batch_size, round(secs, 1), round(recon, 4), n, round(vae_ceiling(cfg, vae, n), 3)]
 
+@torch.no_grad()
+def task_ceilings(cfg, vae, n: int) -> list:  # -> rows [task, category, items, accepted]
+    "Per T2I category and edit operation: the share of `n` held-out T2I items (n // 2 edits) whose target, encoded and decoded, its judge accepts."
+    from collections import Counter
+    from bagel.shapesworld import heldout, render, score_edit, score_t2i
+    from bagel.transforms import pil_to_tensor
+    from bagel.vae import to_pil
+    dev = next(vae.parameters()).device
+    trip = lambda scene: to_pil(vae.decode(vae.encode(pil_to_tensor(render(scene, cfg.size))[None].to(dev), sample=False))[0].float().cpu())
+    rows = []
+    for task, items, key, ok in (
+            ("t2i", heldout(n, "t2i", seed=cfg.seed), lambda x: x["spec"]["tag"], lambda x: score_t2i(x["spec"], trip(x["scene"]))),
+            ("edit", heldout(n // 2, "edit", seed=cfg.seed), lambda x: x["spec"]["op"], lambda x: score_edit(x["source"], x["spec"], trip(x["target"])))):
+        seen, good = Counter(), Counter()
+        for x in items:
+            seen[key(x)] += 1; good[key(x)] += bool(ok(x))
+        rows += [[task, c, seen[c], round(good[c] / seen[c], 3)] for c in sorted(seen)]
+        rows.append([task, "all", sum(seen.values()), round(sum(good.values()) / sum(seen.values()), 3)])
+    return rows
+
 def main(argv=None):
     from bagel.recipe import RecipeConfig
     from bench.common import RESULTS, report
@@ -40,10 +65,22 @@ def main(argv=None):
                     help="VAE base widths to compare (`model: vae: ch`; default: the config's)")
     ap.add_argument("--save", type=Path, default=None, help="write each VAE as SAVE/ae_ch<ch>_<steps>.safetensors")
     ap.add_argument("--n", type=int, default=None, help="held-out scenes judged (default: the config's bench_n)")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="score this saved VAE (the recipe's VAE config) per task category instead of training any")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
     cfg = RecipeConfig.from_yaml(a.config)
     bs, n = a.batch_size or cfg.vae_batch_size, a.n or cfg.bench_n
+    if a.weights:
+        from bagel.recipe import _load_vae
+        if not a.weights.is_file(): raise FileNotFoundError(f"no VAE file at {a.weights}: pass a .safetensors that bench_vae --save wrote")
+        rows = task_ceilings(cfg, _load_vae(cfg, a.weights.parent, name=a.weights.name), n)
+        report(f"ShapesWorld VAE round trip per task category ({a.weights.name}, {a.config.name})",
+               ["task", "category", "held-out items", "accepted by its judge"], rows,
+               notes="Each held-out T2I item's scene and each edit's target is rendered, encoded and decoded (mean latent), "
+                     "and judged as a generated image would be: the ceiling a perfect generator reaches through this decoder.",
+               results=a.results or RESULTS)
+        return rows
     rows = []
     for ch in a.vae_ch or [cfg.model_config().vae.ch]:
         c = dataclasses.replace(cfg, model={**cfg.model, "vae": {**cfg.model.get("vae", {}), "ch": ch}})

@@ -262,6 +262,19 @@ def test_bench_vae_smoke_on_cpu(tmp_path):
     with pytest.raises(FileNotFoundError, match="bench_vae --save"):
         make_base_dir(replace(good, out=str(tmp_path / "none"), vae_weights=str(tmp_path / "no.safetensors")), log=None)
 
+def test_bench_vae_task_ceilings_of_the_shipped_vae(tmp_path):
+    "bench_vae --weights: per T2I category and edit operation, the share each task's judge accepts after the shipped VAE's round trip."
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_vae import main
+    args = ["--config", str(ROOT / "configs" / "shapesworld_cpu.yaml"), "--n", "24", "--results", str(tmp_path / "R.md")]
+    rows = main(args + ["--weights", str(ROOT / "assets" / "shapesworld_vae_64px.safetensors")])
+    by = {(r[0], r[1]): r for r in rows}
+    assert by["t2i", "all"][2] == 24 and by["edit", "all"][2] == 12
+    assert sum(r[2] for r in rows if r[0] == "t2i" and r[1] != "all") == 24
+    assert by["t2i", "all"][3] >= 0.8 and by["edit", "all"][3] >= 0.7   # 0.95 / 0.91 on 600 / 300 items (see RESULTS.md)
+    assert "per task category" in (tmp_path / "R.md").read_text()
+    with pytest.raises(FileNotFoundError, match="bench_vae --save"): main(args + ["--weights", str(tmp_path / "no.safetensors")])
+
 def test_shipped_vae_round_trip():
     "assets/shapesworld_vae_64px.safetensors (the CPU demo's `vae_weights`) loads into the recipe VAE, and the judge still reads its round trip."
     from bagel.recipe import RecipeConfig, _load_vae, vae_ceiling
