@@ -136,12 +136,32 @@ def _load_vae(cfg: RecipeConfig, base: Path, name: str | None = None, device: st
                      hint="the file must hold a VAE of the recipe's VAE config (BagelConfig.shapesworld(), `model: vae:`)")
     return vae.eval()
 
+def _check_reuse(marker: Path, want: dict, what: str):
+    "Refuse to reuse `what` (the folder of `marker`) when its marker records settings other than `want`."
+    try: have = json.loads(marker.read_text())
+    except (OSError, ValueError): return                 # a marker from before settings were recorded: not checked
+    if not isinstance(have, dict): return
+    flat = lambda d, pre="": {k2: v2 for k, v in d.items()
+                              for k2, v2 in (flat(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(pre + k, v)])}
+    have, want = flat(have), flat(json.loads(json.dumps(want)))   # dotted keys; tuples as lists, as they were stored
+    diff = [f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if diff: raise ValueError(f"{marker.parent} holds {what} made with other settings ({'; '.join(diff)}): "
+                              f"give this config another `out`, or delete {marker.parent} to make it again")
+
+def _base_settings(cfg: RecipeConfig) -> dict:
+    "What the model dir of `make_base_dir` depends on (its configs, tokenizer and VAE)."
+    vae = {"vae_weights": str(cfg.vae_weights)} if cfg.vae_weights else {"vae_steps": cfg.vae_steps, "vae_batch_size": cfg.vae_batch_size}
+    return {"model": asdict(cfg.model_config()), "size": cfg.size, "seed": cfg.seed, **vae}
+
 def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
-    "A model dir with the ShapesWorld model's configs, a tokenizer, and a VAE trained on renders."
+    "A model dir with the ShapesWorld model's configs, a tokenizer, and a VAE trained on renders (reused when made with the same settings)."
     from bagel.checkpoint import AE_WEIGHTS, save_file_atomic
+    from bagel.eval import write_json
     from bagel.testing import write_tiny_checkpoint
     base = Path(cfg.out) / "base"
-    if (base / "DONE").exists(): return base
+    if (base / "DONE").exists():
+        _check_reuse(base / "DONE", _base_settings(cfg), "a model dir (configs, tokenizer, VAE)")
+        return base
     write_tiny_checkpoint(base, cfg=cfg.model_config(), seed=cfg.seed)   # configs, tokenizer, (unused) weights
     if cfg.vae_weights:                # trained elsewhere: checked against this config's VAE before it is used
         src = Path(cfg.vae_weights)
@@ -152,14 +172,21 @@ def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
     else:
         vae = train_recipe_vae(cfg, log=log)[0]
     save_file_atomic(vae.cpu().state_dict(), base / AE_WEIGHTS)
-    (base / "DONE").write_text("ok\n")
+    write_json(base / "DONE", _base_settings(cfg))       # last: the settings it was made with
     return base
 
+_DATA_KEYS = ("n_t2i", "n_edit", "n_vlm", "size", "seed", "rows_per_file", "row_group_size")   # what the written data depends on
+
 def make_data(cfg: RecipeConfig) -> Path:
-    "ShapesWorld in the official formats (skipped when already written); returns the mix.yaml path."
+    "ShapesWorld in the official formats (reused when written with the same settings); returns the mix.yaml path."
+    from bagel.eval import write_json
     from bagel.shapesworld import write_shapesworld
     root = Path(cfg.out) / "shapesworld"
-    if (root / "mix.yaml").exists(): return root / "mix.yaml"
+    want = {**{k: getattr(cfg, k) for k in _DATA_KEYS}, "vit_size": vit_side(cfg.size, cfg.vit_size)}
+    if (root / "mix.yaml").exists():
+        _check_reuse(root / "recipe_data.json", want, "ShapesWorld data")
+        return root / "mix.yaml"
+    write_json(root / "recipe_data.json", want)         # first: whenever mix.yaml exists, so do its settings
     return Path(write_shapesworld(root, n_t2i=cfg.n_t2i, n_edit=cfg.n_edit, n_vlm=cfg.n_vlm, size=cfg.size,
                                   seed=cfg.seed, rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size,
                                   workers=max(1, cfg.num_workers), vit_size=cfg.vit_size, weights=cfg.mix_weights)["mix"])

@@ -294,6 +294,22 @@ def tiny_recipe(tmp_path, total_steps: int, save_every: int) -> Path:
     path = tmp_path / "r.yaml"; path.write_text(yaml.safe_dump(cfg))
     return path
 
+def test_recipe_reuses_data_and_base_only_when_made_with_the_same_settings(tmp_path):
+    "make_data / make_base_dir reuse what an earlier call wrote under `out`, and refuse it, naming the setting, when the config now differs."
+    from bagel.recipe import RecipeConfig, make_base_dir, make_data
+    cfg = replace(RecipeConfig.from_yaml(tiny_recipe(tmp_path, total_steps=1, save_every=1)),
+                  vae_weights=str(ROOT / "assets" / "shapesworld_vae_64px.safetensors"))
+    mix = make_data(cfg); stamp = mix.stat().st_mtime_ns
+    assert make_data(replace(cfg, mix_weights=(2, 1, 1))) == mix and mix.stat().st_mtime_ns == stamp   # read-time weights: reused
+    with pytest.raises(ValueError, match=r"n_t2i: 40 there, 41 now.*another `out`"): make_data(replace(cfg, n_t2i=41))
+    with pytest.raises(ValueError, match="size: 64 there, 32 now"): make_data(replace(cfg, size=32))
+    base = make_base_dir(cfg, log=None)
+    assert make_base_dir(cfg, log=None) == base
+    with pytest.raises(ValueError, match=r"model dir .*model.llm.num_hidden_layers: 4 there, 3 now"): make_base_dir(replace(cfg, model={"llm": {"num_hidden_layers": 3}}), log=None)
+    with pytest.raises(ValueError, match="vae_weights"): make_base_dir(replace(cfg, vae_weights=None), log=None)
+    (base / "DONE").write_text("ok\n")                   # made before settings were recorded: reused unchecked
+    assert make_base_dir(replace(cfg, vae_weights=None), log=None) == base
+
 def test_bench_sampling_smoke_on_cpu(tmp_path):
     "bench/bench_sampling.py: one exported recipe model scored per sampling setting, one table appended; no model, a clear error."
     from bagel.cli import train_from_config
