@@ -15,7 +15,7 @@ from .model import Bagel, Context
 from .sampling import Branch, SamplingConfig, sample
 from .transforms import ImageTransform, VAE_TRANSFORM, VIT_TRANSFORM, pil_to_tensor, to_rgb
 from torch import Tensor
-from .vae import STRIP_PIXELS, to_pil, to_uint8, unpatchify_latent
+from .vae import STRIP_PIXELS, strip_decode, to_pil, to_uint8, unpatchify_latent
 
 # %% auto #0
 __all__ = ['VLM_THINK_SYSTEM_PROMPT', 'GEN_THINK_SYSTEM_PROMPT', 'default_transforms', 'Prompt', 'Inferencer', 'add_text',
@@ -55,7 +55,7 @@ class Inferencer:
                  vae_transform: ImageTransform | None = None,   # default: the app's 1024/512/16, capped by the model
                  vit_transform: ImageTransform | None = None,   # default: the app's 980/224/14, capped by the model
                  fast: bool = False,                            # bagel.fast: static buffers + CUDA graphs (decoding, denoising)
-                 low_memory_decode: bool = False):              # VAE decode in strips (bagel.vae.decode_in_strips)
+                 low_memory_decode: bool | None = None):        # VAE decode in strips (bagel.vae.decode_in_strips); None: above 512²
         self.bundle, self.model, self.vae, self.tokenizer = bundle, bundle.model, bundle.vae, bundle.tokenizer
         self.fast, self.low_memory_decode = fast, low_memory_decode
         self.graphs = None         # fast denoising: a bagel.fast.GraphStore, made on first use (None again frees its graphs)
@@ -178,7 +178,7 @@ def decode_latents(self: Inferencer, x: Tensor, shape: tuple) -> Image.Image:  #
     d, p, C = self.config.latent_downsample, self.config.latent_patch_size, self.config.vae.z_channels
     z = unpatchify_latent(x.float(), shape[0] // d, shape[1] // d, p, C)[None]
     w = self.vae.encoder.conv_in.weight
-    strips = STRIP_PIXELS if self.low_memory_decode else None
+    strips = STRIP_PIXELS if strip_decode(self.low_memory_decode, shape[0] * shape[1]) else None
     return to_pil(to_uint8(self.vae.decode(z.to(w.device, w.dtype), strip_pixels=strips)[0].float().cpu()))
 
 @torch.no_grad()

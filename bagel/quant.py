@@ -15,7 +15,7 @@ from .checkpoint import (AE_WEIGHTS, WEIGHTS, OPTIONAL_KEYS, BagelBundle, Checkp
                               _set_tensor, assign_from_file, config_from_dir, from_pretrained, load_tokenizer,
                               read_header, special_tokens)
 from .model import Bagel, BagelConfig
-from .vae import AutoEncoder
+from .vae import AutoEncoder, strip_decode
 
 # %% auto #0
 __all__ = ['QUANT_MODES', 'DEFAULT_SKIP', 'ORIGINAL_SKIP', 'INT8_DTYPE_ANCHORS', 'EMBEDDINGS', 'GiB', 'quantizable',
@@ -282,7 +282,7 @@ def _weight_parts(table: tuple, L: int, mode: str, skip: tuple, double_quant: bo
     return layers, parts
 
 def _runtime_bytes(cfg: BagelConfig, image_size: int, batch: int, branches: int, prompt_tokens: int, edit: bool,
-                   vae_on_gpu: bool, low_memory_decode: bool = False) -> tuple:  # -> (kv, activations, vae, decode)
+                   vae_on_gpu: bool, low_memory_decode: bool | None = None) -> tuple:  # -> (kv, activations, vae, decode)
     "KV cache, activation and VAE estimates of one batched generation (see the prose above)."
     c = cfg.llm
     d = c.head_dim
@@ -297,7 +297,8 @@ def _runtime_bytes(cfg: BagelConfig, image_size: int, batch: int, branches: int,
     if vae_on_gpu:
         vae = 2 * _vae_params(cfg)
         mid = (image_size // cfg.vae.downsample) ** 2                         # positions of the mid-block attention
-        decode = (512 * image_size ** 2 * 2 if low_memory_decode else 6 * 128 * image_size ** 2 * 2 + 3 * mid ** 2 * 2) * batch
+        lean = strip_decode(low_memory_decode, image_size ** 2)             # as the Inferencer decides
+        decode = (512 * image_size ** 2 * 2 if lean else 6 * 128 * image_size ** 2 * 2 + 3 * mid ** 2 * 2) * batch
     return kv, act, vae, decode
 
 def _vae_params(cfg) -> int:
@@ -341,7 +342,7 @@ def plan_memory(source,                          # a BagelConfig or a model dir 
                 double_quant: bool = False,      # NF4 block scales in 8 bits (quantize_'s switch)
                 embeddings: bool = False,        # the token table quantised too (quantize_'s switch)
                 vae_on_gpu: bool = True,         # False: the app's CPU VAE
-                low_memory_decode: bool = False, # the VAE decodes in strips (Inferencer(low_memory_decode=True))
+                low_memory_decode: bool | None = None, # the VAE decodes in strips (as Inferencer(low_memory_decode=...); None: above 512²)
                 reserve: float = 0.05,           # fraction of each device kept free (allocator, CUDA context)
                ) -> MemoryPlan:
     "Estimate the memory of one generation in `mode` and place it on `devices`, without loading weights."

