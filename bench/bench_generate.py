@@ -54,7 +54,8 @@ def main():
                     help="modules kept in bf16: bagel.quant.DEFAULT_SKIP, or none as in the original app (ORIGINAL_SKIP)")
     ap.add_argument("--double-quant", action="store_true", help="NF4 block scales in 8 bits (quantize_(double_quant=True))")
     ap.add_argument("--embeddings", action="store_true", help="quantise the token table too (quantize_(embeddings=True))")
-    ap.add_argument("--low-memory-decode", action="store_true", help="VAE decode in strips (Inferencer(low_memory_decode=True))")
+    ap.add_argument("--low-memory-decode", action="store_true",
+                    help="VAE decode in strips at every size (Inferencer(low_memory_decode=True); default: above 512² only)")
     ap.add_argument("--profile", action="store_true", help="print the op table of one generation at the first size (no row)")
     ap.add_argument("--fast", action="store_true", help="with --profile: the denoising passes as CUDA graph replays (fast=True)")
     ap.add_argument("--fused", action="store_true", help="with --profile: RMSNorm, SwiGLU and RoPE compiled (bagel.fast.fuse_)")
@@ -97,7 +98,7 @@ def main_quant(a):
     for mode in a.quant:
         inf = build()
         quantize_(inf.model, mode, skip=skip, double_quant=a.double_quant, embeddings=a.embeddings)
-        inf.low_memory_decode = a.low_memory_decode
+        inf.low_memory_decode = True if a.low_memory_decode else None   # None: the library's default (strips above 512²)
         gc.collect(); torch.cuda.empty_cache()
         weights = module_bytes(inf.model) / GiB
         peaks = {}
