@@ -136,10 +136,11 @@ def gen_text(self: Inferencer, ctxs: list,
         first = m.extend_text(live, [[*p, tk.bos_token_id] for p in prefix], return_logits=True)
     if self.fast if fast is None else fast:
         from bagel.fast import StaticDecoder
-        dec = []                                                    # made on first use: a one-token answer needs none
+        dec = None                                                  # made on first use: a one-token answer needs none
         def step(idx):                                              # every sequence steps; finished ones are ignored
-            if not dec: dec.append(StaticDecoder(m, live, max_length - (first is not None)))
-            return dec[0](tokens)[idx]
+            nonlocal dec
+            if dec is None: dec = StaticDecoder(m, live, max_length - (first is not None))
+            return dec(tokens)[idx]
     else:
         step = lambda idx: m.extend_text([live[i] for i in idx], [[tokens[i]] for i in idx], return_logits=True)
     for n in range(max_length):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy, json, os, re, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -16,8 +16,9 @@ from .shapesworld import check_mix_weights, vit_side
 from .train import TrainConfig, read_metrics
 
 # %% auto #0
-__all__ = ['apply_overrides', 'RecipeConfig', 'train_recipe_vae', 'make_base_dir', 'make_data', 'packed_data', 'train_bagel',
-           'round_trip_agreement', 'vae_ceiling', 'evaluate', 'evaluate_step_cache', 'samples', 'run_shapesworld']
+__all__ = ['apply_overrides', 'RecipeConfig', 'train_recipe_vae', 'make_base_dir', 'data_settings', 'make_data', 'packed_data',
+           'train_bagel', 'round_trip_images', 'round_trip_agreement', 'vae_round_trip', 'vae_ceiling', 'evaluate',
+           'evaluate_step_cache', 'samples', 'run_shapesworld']
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #26204328
 def apply_overrides(d: dict,            # a config as nested dicts (a parsed YAML)
@@ -175,14 +176,17 @@ def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
     write_json(base / "DONE", _base_settings(cfg))       # last: the settings it was made with
     return base
 
-_DATA_KEYS = ("n_t2i", "n_edit", "n_vlm", "size", "seed", "rows_per_file", "row_group_size")   # what the written data depends on
+def data_settings(cfg: RecipeConfig) -> dict:
+    "What the written ShapesWorld data depends on (mix weights are applied when it is read): runs that agree share it."
+    keys = ("n_t2i", "n_edit", "n_vlm", "size", "seed", "rows_per_file", "row_group_size")
+    return {**{k: getattr(cfg, k) for k in keys}, "vit_size": vit_side(cfg.size, cfg.vit_size)}
 
 def make_data(cfg: RecipeConfig) -> Path:
     "ShapesWorld in the official formats (reused when written with the same settings); returns the mix.yaml path."
     from bagel.eval import write_json
     from bagel.shapesworld import write_shapesworld
     root = Path(cfg.out) / "shapesworld"
-    want = {**{k: getattr(cfg, k) for k in _DATA_KEYS}, "vit_size": vit_side(cfg.size, cfg.vit_size)}
+    want = data_settings(cfg)
     if (root / "mix.yaml").exists():
         _check_reuse(root / "recipe_data.json", want, "ShapesWorld data")
         return root / "mix.yaml"
@@ -239,20 +243,26 @@ def _device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #27e23743
-def round_trip_agreement(fn: Callable,       # renders [b, 3, H, W] in [-1, 1] -> images [b, 3, H, W] in [-1, 1]
-                         scenes: list,       # ShapesWorld scenes
-                         size: int,          # render side (px)
-                         batch: int = 64) -> float:
-    "Share of `scenes` the judge still reads exactly (every object and the background) after `fn` maps their renders."
-    from bagel.shapesworld import judge_agrees, render
+def round_trip_images(fn: Callable,          # renders [b, 3, H, W] in [-1, 1] -> images [b, 3, H, W] in [-1, 1]
+                      scenes: list,          # ShapesWorld scenes
+                      size: int,             # render side (px)
+                      batch: int = 64) -> Iterator:
+    "The renders of `scenes` after `fn`, as PIL images, in order (`batch` scenes per call of `fn`)."
+    from bagel.shapesworld import render
     from bagel.transforms import pil_to_tensor
     from bagel.vae import to_pil
-    ok = 0
     for i in range(0, len(scenes), batch):
-        part = scenes[i:i + batch]
-        out = fn(torch.stack([pil_to_tensor(render(s, size)) for s in part]))
-        ok += sum(judge_agrees(s, to_pil(y.float().cpu())) for s, y in zip(part, out))
-    return ok / max(1, len(scenes))
+        yield from (to_pil(y.float().cpu()) for y in fn(torch.stack([pil_to_tensor(render(s, size)) for s in scenes[i:i + batch]])))
+
+def round_trip_agreement(fn: Callable, scenes: list, size: int, batch: int = 64) -> float:  # as round_trip_images
+    "Share of `scenes` the judge still reads exactly (every object and the background) after `fn` maps their renders."
+    from bagel.shapesworld import judge_agrees
+    return sum(judge_agrees(s, im) for s, im in zip(scenes, round_trip_images(fn, scenes, size, batch))) / max(1, len(scenes))
+
+def vae_round_trip(vae) -> Callable:  # -> renders [b, 3, H, W] -> [b, 3, H, W]
+    "The recipe model's own path through `vae`: the mean latent (no sampling), scaled and shifted, decoded."
+    dev = next(vae.parameters()).device
+    return lambda x: vae.decode(vae.encode(x.to(dev), sample=False))
 
 @torch.no_grad()
 def vae_ceiling(cfg: RecipeConfig,
@@ -265,10 +275,10 @@ def vae_ceiling(cfg: RecipeConfig,
     from bagel.shapesworld import heldout
     from bagel.vae import AutoEncoder
     if not isinstance(vae, AutoEncoder): vae = _load_vae(cfg, vae)
-    dev, was = next(vae.parameters()).device, vae.training
+    was = vae.training
     scenes = [x["scene"] for x in heldout(n or cfg.bench_n, "vqa", seed=cfg.seed + 3)]
-    vae.eval()   # the model's own path: the mean latent (no sampling), scaled and shifted, decoded
-    try: return round_trip_agreement(lambda x: vae.decode(vae.encode(x.to(dev), sample=False)), scenes, cfg.size)
+    vae.eval()
+    try: return round_trip_agreement(vae_round_trip(vae), scenes, cfg.size)
     finally: vae.train(was)
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #9e4f616f

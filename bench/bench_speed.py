@@ -22,7 +22,7 @@ import argparse
 import torch
 from torch import Tensor
 
-from bench.common import timed_peak
+from bench.common import timed_peak, timeit
 
 FLOORS = {"t2i1024": 6.9, "t2i512": 1.6, "edit1024": 12.2}   # seconds
 DECODE_FLOOR_S = 4.5e-3                                      # seconds per greedy token (und expert weights at 3.35 TB/s)
@@ -58,7 +58,6 @@ def run_understanding(inf, tokens: int, scale: int = 1, fast: bool = False) -> l
     inf.fast = fast                                   # decode through bagel.fast.StaticDecoder (CUDA graph)
     img = Image.new("RGB", (980 // scale, 980 // scale), (90, 140, 200))
     q = "Describe this picture in detail."
-    from bench.common import timeit
     pre = timeit(lambda: inf.understand(img, q, max_length=1), warmup=2, iters=7)   # median: single calls vary by ~30%
     full, peak, ans = timed_peak(lambda: inf.understand(img, q, max_length=tokens + 1))
     n = max(1, len(ans[0].split()))                   # the bench tokenizer decodes one word per id

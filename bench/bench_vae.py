@@ -38,18 +38,17 @@ def bench(cfg, steps: int, batch_size: int, n: int, save: Path | None = None) ->
 def task_ceilings(cfg, vae, n: int) -> list:  # -> rows [task, category, items, accepted]
     "Per T2I category and edit operation: the share of `n` held-out T2I items (n // 2 edits) whose target, encoded and decoded, its judge accepts."
     from collections import Counter
-    from bagel.shapesworld import heldout, render, score_edit, score_t2i
-    from bagel.transforms import pil_to_tensor
-    from bagel.vae import to_pil
-    dev = next(vae.parameters()).device
-    trip = lambda scene: to_pil(vae.decode(vae.encode(pil_to_tensor(render(scene, cfg.size))[None].to(dev), sample=False))[0].float().cpu())
+    from bagel.recipe import round_trip_images, vae_round_trip
+    from bagel.shapesworld import heldout, score_edit, score_t2i
     rows = []
-    for task, items, key, ok in (
-            ("t2i", heldout(n, "t2i", seed=cfg.seed), lambda x: x["spec"]["tag"], lambda x: score_t2i(x["spec"], trip(x["scene"]))),
-            ("edit", heldout(n // 2, "edit", seed=cfg.seed), lambda x: x["spec"]["op"], lambda x: score_edit(x["source"], x["spec"], trip(x["target"])))):
+    for task, items, key, ok, scene in (
+            ("t2i", list(heldout(n, "t2i", seed=cfg.seed)), lambda x: x["spec"]["tag"],
+             lambda x, im: score_t2i(x["spec"], im), lambda x: x["scene"]),
+            ("edit", list(heldout(n // 2, "edit", seed=cfg.seed)), lambda x: x["spec"]["op"],
+             lambda x, im: score_edit(x["source"], x["spec"], im), lambda x: x["target"])):
         seen, good = Counter(), Counter()
-        for x in items:
-            seen[key(x)] += 1; good[key(x)] += bool(ok(x))
+        for x, im in zip(items, round_trip_images(vae_round_trip(vae), [scene(x) for x in items], cfg.size)):
+            seen[key(x)] += 1; good[key(x)] += bool(ok(x, im))
         rows += [[task, c, seen[c], round(good[c] / seen[c], 3)] for c in sorted(seen)]
         rows.append([task, "all", sum(seen.values()), round(sum(good.values()) / sum(seen.values()), 3)])
     return rows

@@ -33,25 +33,37 @@ def timed_peak(fn) -> tuple:  # -> (seconds, peak GiB, result)
     t0 = time.perf_counter(); out = fn(); sync()
     return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, out
 
-def op_tables(fn, sorts: tuple = ("self_cuda_time_total",), rows: int = 25) -> str:
+def op_tables(fn, sorts: tuple = ("self_cuda_time_total",), rows: int = 25, trace: Path | None = None) -> str:
     "Run `fn` (then sync) under torch.profiler (CPU, and CUDA when present); its op table sorted by each of `sorts`."
+    import gzip, shutil, tempfile
     import torch
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
         fn(); sync()
+    if trace is not None:                             # the Chrome trace, gzipped, written atomically
+        with tempfile.TemporaryDirectory() as d:
+            raw = Path(d) / "trace.json"; p.export_chrome_trace(str(raw))
+            part = trace.with_name(trace.name + ".part")
+            with open(raw, "rb") as a, gzip.open(part, "wb") as b: shutil.copyfileobj(a, b)
+            part.replace(trace)
     ka = p.key_averages()
     return "\n".join(ka.table(sort_by=s if cuda or "cuda" not in s else "self_cpu_time_total", row_limit=rows,
                                max_name_column_width=70) for s in sorts)
 
-def timeit(fn, warmup: int = 2, iters: int = 5) -> float:
-    "Median seconds of `fn()` after `warmup` calls, device synchronised around each call."
+def times(fn, warmup: int = 2, iters: int = 5) -> list:
+    "Seconds of each of `iters` calls of `fn()` after `warmup` calls, device synchronised around each call; sorted."
     for _ in range(warmup): fn()
-    times = []
+    out = []
     for _ in range(iters):
         sync(); t0 = time.perf_counter(); fn(); sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        out.append(time.perf_counter() - t0)
+    return sorted(out)
+
+def timeit(fn, warmup: int = 2, iters: int = 5) -> float:
+    "Median seconds of `fn()` after `warmup` calls, device synchronised around each call."
+    t = times(fn, warmup, iters)
+    return t[len(t) // 2]
 
 def _git_commit() -> str:
     if os.environ.get("BAGEL_COMMIT"): return os.environ["BAGEL_COMMIT"]  # set when the tree travels without .git

@@ -22,7 +22,6 @@ import argparse, json, os, subprocess, sys, time
 from dataclasses import replace
 from pathlib import Path
 
-DATA_FIELDS = ("n_t2i", "n_edit", "n_vlm", "rows_per_file", "row_group_size", "seed", "size", "vit_size")
 COLUMNS = ["run", "overrides", "GPU", "steps", "train s", "s/step", "final ce", "final mse", "t2i", "edit", "vqa"]
 
 def _parse_runs(runs: list) -> list:  # [[NAME, KEY=VALUE, ...], ...] -> [(name, [overrides])]
@@ -53,8 +52,8 @@ def _gpu_shares(n: int, gpus: int | None = None) -> list:  # -> n CUDA_VISIBLE_D
 
 def _shared_data(cfg, data_root: Path, made: dict) -> Path:
     "The data folder of this run's data settings, written once for all runs that share them."
-    from bagel.recipe import make_data
-    key = tuple(getattr(cfg, f) for f in DATA_FIELDS)
+    from bagel.recipe import data_settings, make_data
+    key = json.dumps(data_settings(cfg), sort_keys=True)
     if key not in made:
         made[key] = data_root / f"data{len(made)}"
         make_data(replace(cfg, out=str(made[key])))

@@ -6,7 +6,7 @@ phases (`P:extend_vit`, `P:vit_forward`, `P:extend_text`, `P:gen_text`, `P:decod
 
     python -m bench.trace_inference --size 1024 --out traces/
 """
-import argparse, gzip, shutil, tempfile, time
+import argparse
 from pathlib import Path
 
 import torch
@@ -19,24 +19,6 @@ def labelled(obj, name: str, label: str):
         with record_function(label): return f(*a, **k)
     setattr(obj, name, g)
 
-def sorted_times(fn, n: int, warmup: int) -> list:
-    for _ in range(warmup): fn()
-    ts = []
-    for _ in range(n):
-        torch.cuda.synchronize(); t0 = time.perf_counter(); fn(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t0)
-    return sorted(ts)
-
-def trace(fn, path: Path) -> str:
-    "Profile one call of `fn`; write its gzipped Chrome trace to `path`; return the op table."
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        fn(); torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as d:
-        raw = Path(d) / "trace.json"; p.export_chrome_trace(str(raw))
-        with open(raw, "rb") as a, gzip.open(path.with_suffix(".part"), "wb") as b: shutil.copyfileobj(a, b)
-    path.with_suffix(".part").replace(path)
-    return p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1024, help="T2I image side (0: prefill only)")
@@ -46,6 +28,7 @@ def main(argv=None):
     from PIL import Image
     from bagel.fast import fuse_
     from bench.bench_generate import build, t2i
+    from bench.common import op_tables, times
     a.out.mkdir(parents=True, exist_ok=True)
     inf = build(); fuse_(inf.model)
     inf.tokenizer.decode = lambda ids, **kw: " ".join(str(i) for i in ids)
@@ -54,11 +37,11 @@ def main(argv=None):
     labelled(m.vit_model, "forward", "P:vit_forward")
     img = Image.new("RGB", (980, 980), (90, 140, 200))
     prefill = lambda: inf.understand(img, "Describe this picture in detail.", max_length=1)
-    print("prefill s (7, sorted):", [round(x, 4) for x in sorted_times(prefill, 7, 2)], flush=True)
-    print(trace(prefill, a.out / "prefill.json.gz"), flush=True)
+    print("prefill s (7, sorted):", [round(x, 4) for x in times(prefill, warmup=2, iters=7)], flush=True)
+    print(op_tables(prefill, trace=a.out / "prefill.json.gz"), flush=True)
     if a.size:
-        print(f"t2i {a.size} s (2, sorted):", [round(x, 3) for x in sorted_times(lambda: t2i(inf, a.size), 2, 1)], flush=True)
-        print(trace(lambda: t2i(inf, a.size), a.out / f"t2i{a.size}.json.gz"), flush=True)
+        print(f"t2i {a.size} s (2, sorted):", [round(x, 3) for x in times(lambda: t2i(inf, a.size), warmup=1, iters=2)], flush=True)
+        print(op_tables(lambda: t2i(inf, a.size), trace=a.out / f"t2i{a.size}.json.gz"), flush=True)
 
 if __name__ == "__main__":
     main()

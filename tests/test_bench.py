@@ -18,3 +18,18 @@ def test_kernel_floor_at_790_tflops_is_the_issues_floor():
     # edit: 147 passes of the expert; two branches see the source's 4096 VAE + 4900 ViT tokens, one only text
     assert edit == pytest.approx(49 * 3 * 53.5e12 / rate + 49 * 28 * 4 * 4096 * HD * NH * (2 * 13156 + 4160) / rate, rel=2e-3)
     assert floors(t, vae=0.1)[0] == pytest.approx(t2i + 0.1)
+
+def test_times_and_op_tables_with_a_trace(tmp_path, monkeypatch):
+    "bench.common: times() sorted, timeit() their median; op_tables(trace=...) writes the gzipped Chrome trace of the call."
+    import gzip, json
+    import torch
+    from bench import common
+    for fn, want in ((common.times, [1.0, 2.0, 3.0]), (common.timeit, 2.0)):
+        seq = iter([0.0, 3.0, 3.0, 4.0, 4.0, 6.0])                 # perf_counter readings: calls of 3, 1 and 2 s
+        monkeypatch.setattr(common.time, "perf_counter", lambda: next(seq))
+        assert fn(lambda: None, warmup=1, iters=3) == want
+    monkeypatch.undo()
+    table = common.op_tables(lambda: torch.ones(8, 8) @ torch.ones(8, 8), trace=tmp_path / "t.json.gz")
+    assert "aten::mm" in table
+    events = json.loads(gzip.open(tmp_path / "t.json.gz").read())["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events) and not list(tmp_path.glob("*.part"))
