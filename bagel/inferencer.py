@@ -13,7 +13,7 @@ from PIL import Image
 from .checkpoint import BagelBundle, from_pretrained
 from .model import Bagel, Context
 from .sampling import Branch, SamplingConfig, sample
-from .transforms import ImageTransform, VAE_TRANSFORM, VIT_TRANSFORM, pil_to_tensor, to_rgb
+from .transforms import ImageTransform, VAE_TRANSFORM, VIT_TRANSFORM, image_tensor, pil_to_tensor, to_rgb, to_unit
 from torch import Tensor
 from .vae import STRIP_PIXELS, strip_decode, to_pil, to_uint8, unpatchify_latent
 
@@ -55,9 +55,10 @@ class Inferencer:
                  vae_transform: ImageTransform | None = None,   # default: the app's 1024/512/16, capped by the model
                  vit_transform: ImageTransform | None = None,   # default: the app's 980/224/14, capped by the model
                  fast: bool = False,                            # bagel.fast: static buffers + CUDA graphs (decoding, denoising)
-                 low_memory_decode: bool | None = None):        # VAE decode in strips (bagel.vae.decode_in_strips); None: above 512²
+                 low_memory_decode: bool | None = None,         # VAE decode in strips (bagel.vae.decode_in_strips); None: above 512²
+                 resize_on_device: bool | None = None):         # input images resized where the model is (PIL's pixels exactly); None: on a GPU
         self.bundle, self.model, self.vae, self.tokenizer = bundle, bundle.model, bundle.vae, bundle.tokenizer
-        self.fast, self.low_memory_decode = fast, low_memory_decode
+        self.fast, self.low_memory_decode, self.resize_on_device = fast, low_memory_decode, resize_on_device
         self.graphs = None         # fast denoising: a bagel.fast.GraphStore, made on first use (None again frees its graphs)
         self.config = cfg = bundle.config
         self.vae_transform = vae_transform or default_transforms(cfg)[0]
@@ -102,16 +103,23 @@ def add_image(self: Inferencer, prompts: list, images: list, vae: bool = True, v
               generator: torch.Generator | None = None):
     "Append one image per prompt to `cond`: clean VAE latents (Z) then ViT tokens (V); `text` snapshots after."
     if len(prompts) != len(images): raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    imgs = [self.vae_transform.resize(_check_image(im)) for im in images]
+    dev = self.model.device
+    if dev.type == "cuda" if self.resize_on_device is None else self.resize_on_device:   # uint8 tensors, resized on `dev`
+        imgs = [self.vae_transform.resize_tensor(image_tensor(_check_image(im), dev)) for im in images]
+        vae_in, vit_in = to_unit, lambda x: to_unit(self.vit_transform.resize_tensor(x))
+        shapes = [tuple(x.shape[1:]) for x in imgs]
+    else:                                                                               # PIL images, resized on the host
+        imgs = [self.vae_transform.resize(_check_image(im)) for im in images]
+        vae_in, vit_in, shapes = pil_to_tensor, self.vit_transform, [(im.height, im.width) for im in imgs]
     ctxs = [p.cond for p in prompts]
     if vae:
         w = self.vae.encoder.conv_in.weight
-        lat = [self.vae.encode(pil_to_tensor(im)[None].to(w.device, w.dtype), generator=generator)[0] for im in imgs]
+        lat = [self.vae.encode(vae_in(im)[None].to(w.device, w.dtype), generator=generator)[0] for im in imgs]
         self.model.extend_vae(ctxs, lat)
     if vit:
-        self.model.extend_vit(ctxs, [self.vit_transform(im) for im in imgs])
-    for p, im in zip(prompts, imgs):
-        p.image_shape, p.text, p.last_token = (im.height, im.width), p.cond.fork(), self.config.tokens.end_of_image
+        self.model.extend_vit(ctxs, [vit_in(im) for im in imgs])
+    for p, shape in zip(prompts, shapes):
+        p.image_shape, p.text, p.last_token = shape, p.cond.fork(), self.config.tokens.end_of_image
 
 Inferencer._text_ids, Inferencer.add_text, Inferencer.add_image = _text_ids, add_text, add_image
 

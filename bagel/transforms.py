@@ -4,14 +4,18 @@
 
 # %% ../nbs/05_transforms.ipynb #36acba65
 from __future__ import annotations
+import functools, math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .mot import to_device
+
 # %% auto #0
-__all__ = ['VAE_TRANSFORM', 'VIT_TRANSFORM', 'to_rgb', 'ImageTransform', 'pil_to_tensor']
+__all__ = ['VAE_TRANSFORM', 'VIT_TRANSFORM', 'to_rgb', 'resize_bicubic', 'image_tensor', 'to_unit', 'ImageTransform',
+           'pil_to_tensor']
 
 # %% ../nbs/05_transforms.ipynb #b08baa02
 def to_rgb(img: Image.Image,
@@ -27,6 +31,64 @@ def to_rgb(img: Image.Image,
     return img.convert("RGB")
 
 def _snap(v: float, stride: int) -> int: return max(stride, round(v / stride) * stride)
+
+# %% ../nbs/05_transforms.ipynb #70e2a35b
+_BITS = 22    # PIL's fixed-point fraction bits for 8-bit resampling (32 - 8 - 2)
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    "PIL's bicubic kernel (a = -0.5), its operations in PIL's order (the weights must round as PIL's do)."
+    x = np.abs(x)
+    inner = (1.5 * x - 2.5) * x * x + 1                    # (a + 2) x^3 - (a + 3) x^2 + 1
+    outer = (((x - 5) * x + 8) * x - 4) * -0.5             # a (x^3 - 5 x^2 + 8 x - 4)
+    return np.where(x < 1.0, inner, np.where(x < 2.0, outer, 0.0))
+
+@functools.lru_cache(maxsize=32)
+def _pil_weights(n_in: int, n_out: int) -> torch.Tensor:  # -> [n_out, n_in] float64, integer-valued
+    "PIL's fixed-point bicubic weights from `n_in` samples to `n_out`, as a dense matrix."
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)                              # shrinking widens the kernel (antialiasing)
+    support = 2.0 * stretch
+    taps = np.arange(int(math.ceil(support)) * 2 + 1)
+    center = (np.arange(n_out) + 0.5) * scale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)                 # C casts truncate toward 0
+    count = np.minimum((center + support + 0.5).astype(np.int64), n_in) - first
+    used = taps[None] < count[:, None]
+    w = np.where(used, _cubic((taps[None] + first[:, None] - center[:, None] + 0.5) * (1.0 / stretch)), 0.0)
+    total = np.cumsum(w, axis=1)[:, -1:]                   # summed left to right, as PIL does
+    w = w / np.where(total == 0.0, 1.0, total)
+    w = np.trunc(w * (1 << _BITS) + np.where(w < 0, -0.5, 0.5))    # round half away from zero
+    m = np.zeros((n_out, n_in))
+    rows = np.broadcast_to(np.arange(n_out)[:, None], used.shape)
+    m[rows[used], (first[:, None] + taps[None])[used]] = w[used]
+    return torch.from_numpy(m)
+
+@functools.lru_cache(maxsize=8)
+def _weights_on(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    "`_pil_weights` kept on `device`: a GPU gets each matrix once, without a blocking copy."
+    return to_device(_pil_weights(n_in, n_out), device)
+
+def resize_bicubic(x: torch.Tensor,   # uint8 [C, H, W], on any device
+                   size: tuple) -> torch.Tensor:  # (W, H), PIL's order -> uint8 [C, H', W'] on x's device
+    "Exactly what PIL's `Image.resize(size, Image.BICUBIC)` gives for an 8-bit image, computed where `x` is."
+    if x.dtype != torch.uint8 or x.dim() != 3:
+        raise TypeError(f"resize_bicubic takes a uint8 [C, H, W] tensor, got {x.dtype} {tuple(x.shape)}: "
+                        "torch.from_numpy(np.asarray(img)).permute(2, 0, 1) for a PIL image")
+    W, H = (int(v) for v in size)
+    if W < 1 or H < 1: raise ValueError(f"size must be positive (width, height), got {size}")
+    y, half = x.double(), float(1 << (_BITS - 1))
+    if W != x.shape[2]:                                    # PIL skips a pass whose side does not change
+        y = torch.floor((y @ _weights_on(x.shape[2], W, y.device).T + half) / (1 << _BITS)).clamp_(0, 255)
+    if H != x.shape[1]:
+        y = torch.floor((_weights_on(x.shape[1], H, y.device) @ y + half) / (1 << _BITS)).clamp_(0, 255)
+    return y.to(torch.uint8)
+
+def image_tensor(img: Image.Image, device="cpu") -> torch.Tensor:  # -> uint8 [3, H, W] on `device`
+    "An image's RGB pixels as a uint8 tensor on `device` (from pinned memory, without blocking, to a GPU)."
+    return to_device(torch.from_numpy(np.array(to_rgb(img, copy=False))), device).permute(2, 0, 1)
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:  # uint8 [..] -> float32 in [-1, 1]
+    "uint8 pixels as floats in [-1, 1]: (x / 255 - 0.5) / 0.5, the same float32 operations as `pil_to_tensor`."
+    return x.float().div_(255).sub_(0.5).div_(0.5)
 
 # %% ../nbs/05_transforms.ipynb #0170c7f0
 @dataclass(frozen=True)
@@ -65,14 +127,19 @@ class ImageTransform:
         if size != src.size: return src.resize(size, Image.BICUBIC)
         return src.copy() if src is img else src
 
+    def resize_tensor(self, x: torch.Tensor, img_num: int = 1) -> torch.Tensor:  # uint8 [3, H, W] -> uint8 [3, H', W']
+        "`resize` on a uint8 tensor, where it lies (PIL's pixels exactly: `resize_bicubic`); the input when the size holds."
+        size = self.target_size(x.shape[2], x.shape[1], img_num=img_num)
+        return x if size == (x.shape[2], x.shape[1]) else resize_bicubic(x, size)
+
     def __call__(self, img: Image.Image, img_num: int = 1) -> torch.Tensor:  # -> [3, H, W] in [-1, 1]
         "Resize, then map to a float tensor in [-1, 1] (mean 0.5, std 0.5 per channel)."
         return pil_to_tensor(self.resize(img, img_num))
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:  # -> [3, H, W] float32 in [-1, 1]
     "An RGB PIL image as a [-1, 1] tensor."
-    x = torch.from_numpy(np.array(to_rgb(img, copy=False))).float()   # [H, W, 3]: one uint8 copy, one float tensor, in place after
-    return x.div_(255).sub_(0.5).div_(0.5).permute(2, 0, 1)  # (x / 255 - 0.5) / 0.5 as before; 980²: 9.7 -> 4.0 ms (2 cores)
+    x = torch.from_numpy(np.array(to_rgb(img, copy=False)))   # [H, W, 3]: one uint8 copy, one float tensor, in place after
+    return to_unit(x).permute(2, 0, 1)  # (x / 255 - 0.5) / 0.5 as before; 980²: 9.7 -> 4.0 ms (2 cores)
 
 VAE_TRANSFORM = ImageTransform(1024, 512, 16)   # app / inferencer defaults
 VIT_TRANSFORM = ImageTransform(980, 224, 14)

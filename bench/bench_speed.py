@@ -53,17 +53,32 @@ def run_generation(inf, name: str, scale: int = 1, steps: int = 50, fast: bool =
         print(f"  {name}: host syncs in one call: {sync_sites(fn)}", flush=True)
     return [name + (" fast" if fast else ""), f"{size}x{size}", round(secs, 2), FLOORS[name], f"{100 * FLOORS[name] / secs:.0f}%", round(peak, 1)]
 
-def run_understanding(inf, tokens: int, scale: int = 1, fast: bool = False) -> list:
+def run_understanding(inf, tokens: int, scale: int = 1, fast: bool = False, host_resize: bool = False) -> list:
     from PIL import Image
     inf.fast = fast                                   # decode through bagel.fast.StaticDecoder (CUDA graph)
+    inf.resize_on_device = False if host_resize else None   # None: the two bicubic resizes run where the model is
     img = Image.new("RGB", (980 // scale, 980 // scale), (90, 140, 200))
     q = "Describe this picture in detail."
     pre = timeit(lambda: inf.understand(img, q, max_length=1), warmup=2, iters=7)   # median: single calls vary by ~30%
     full, peak, ans = timed_peak(lambda: inf.understand(img, q, max_length=tokens + 1))
     n = max(1, len(ans[0].split()))                   # the bench tokenizer decodes one word per id
     per = (full - pre) / n
-    return ["und fast" if fast else "und", f"980² + question, {n} tokens", round(pre, 3), f"{per * 1e3:.1f} ms/token ({1 / per:.0f} tokens/s)",
+    name = ("und fast" if fast else "und") + (" host-resize" if host_resize else "")
+    return [name, f"980² + question, {n} tokens", round(pre, 3), f"{per * 1e3:.1f} ms/token ({1 / per:.0f} tokens/s)",
             f"{100 * DECODE_FLOOR_S / per:.0f}%", round(peak, 1)]
+
+def resize_check(device) -> str:
+    "Whether `bagel.transforms.resize_bicubic` on `device` gives PIL's pixels for understanding's two resizes."
+    import numpy as np
+    from PIL import Image
+    from bagel.transforms import image_tensor, resize_bicubic
+    a = np.random.default_rng(0).integers(0, 256, (980, 980, 3), dtype=np.uint8)
+    want = Image.fromarray(a).resize((976, 976), Image.BICUBIC)
+    got = resize_bicubic(image_tensor(Image.fromarray(a), device), (976, 976))
+    back = resize_bicubic(got, (980, 980))
+    same = [np.array_equal(got.permute(1, 2, 0).cpu().numpy(), np.asarray(want)),
+            np.array_equal(back.permute(1, 2, 0).cpu().numpy(), np.asarray(want.resize((980, 980), Image.BICUBIC)))]
+    return f"resize on {device} equals PIL (980->976, 976->980, random pixels): {same}"
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,10 +111,11 @@ def main(argv=None):
             fuse_(inf.model)                          # compiles on first use: the warm-up run of each workload pays it
         inf.tokenizer.decode = lambda ids, **kw: " ".join(str(i) for i in ids)   # ids only: one word per token
         for w in gen:
-            for fast in (False, True):
-                rows.append(run_understanding(inf, a.tokens, scale, fast) if w == "und" else run_generation(inf, w, scale, steps, fast))
+            for fast, host in ((False, True), (False, False), (True, False)) if w == "und" else ((False, False), (True, False)):
+                rows.append(run_understanding(inf, a.tokens, scale, fast, host) if w == "und" else run_generation(inf, w, scale, steps, fast))
                 if a.fused: rows[-1][0] += " fused"
                 print(rows[-1], flush=True)
+            if w == "und": print(resize_check(inf.model.device), flush=True)
         if "t2i512" in gen:                           # the fast path's agreement with the plain one, same noise
             size = 512 // scale
             d = (final_latents(inf, size, steps, True) - final_latents(inf, size, steps, False)).abs()
@@ -112,7 +128,9 @@ def main(argv=None):
                ["workload", "shape", "seconds", "floor (s or ms/token)", "floor / time", "peak GiB"], rows,
                notes="Generation: 50 timesteps, timestep_shift 3, VAE (bf16, GPU) decode included; t2i: text CFG 4 on "
                      "[0.4, 1] (90 decoder passes); edit: text CFG 4, image CFG 2 on [0, 1], text_channel. und: the "
-                     "seconds are the prefill (ViT + context + first token; median of 7 after 2 warm-ups); decode time per token after it; `und fast`: decoding with "
+                     "seconds are the prefill (the two bicubic resizes, ViT + context + first token; median of 7 after 2 warm-ups); decode time "
+                     "per token after it; `host-resize`: the resizes by PIL on the host, otherwise on the GPU with PIL's pixels "
+                     "(bagel.transforms.resize_bicubic); `und fast`: decoding with "
                      "static KV buffers replayed as a CUDA graph; `... fast` generation rows: the denoising passes replayed as "
                      "CUDA graphs (`fast=True`, bagel.fast), captured in the warm-up run and replayed in the timed one (the Inferencer "
                      "keeps them: `inf.graphs`)."
