@@ -34,12 +34,13 @@ def _capture(step: Callable, device, pool=None, reset: Callable = lambda: None) 
 class StaticDecoder:
     "Greedy or sampled text decoding of a batch of contexts with preallocated KV buffers; on CUDA each token is one graph replay."
     def __init__(self, model: Bagel,
-                 ctxs: list,                     # b inference contexts (read, never modified)
+                 ctxs: list,                     # b inference contexts (read; deferred blocks are run first)
                  max_new: int,                   # tokens to be fed at most (the buffers hold prefix + max_new)
                  cuda_graph: bool | None = None):  # None: on CUDA devices
         lm = model.language_model.model
         cfg, dev, dt = lm.cfg, model.device, model.dtype
         if max_new < 1: raise ValueError(f"max_new must be >= 1, got {max_new}")
+        model.flush(ctxs)                                                 # deferred blocks into the caches it copies
         lens = [len(c) for c in ctxs]
         self.model, self.lm, self.b, self.L = model, lm, len(ctxs), max(lens) + max_new
         self.hkv, self.d = cfg.num_key_value_heads, cfg.head_dim
@@ -103,13 +104,14 @@ class StaticDecoder:
 class StaticVelocity:
     "`Bagel.velocity` for fixed contexts and grids, every host-side input prepared once; on CUDA one graph replay per call."
     def __init__(self, model: Bagel,
-                 ctxs: list,                       # b contexts (read, never modified)
+                 ctxs: list,                       # b contexts (read; deferred blocks are run first)
                  grids: list,                      # b latent grids (h_i, w_i)
                  cuda_graph: bool | None = None,   # None: on CUDA devices
                  pool=None,                        # a CUDA graph memory pool to share (torch.cuda.graph_pool_handle())
                  own_caches: bool = False):        # copy the contexts' keys/values into buffers of its own (see `load`)
         dev, cfg, G = model.device, model.config, model.config.max_latent_size
         tk, b = cfg.tokens, len(ctxs)
+        model.flush(ctxs)                                                 # deferred blocks into the caches it reads
         self.model, self.lm, self.n, self.pool = model, model.language_model.model, [h * w for h, w in grids], pool
         self.caches = [_own_cache(c.cache) if own_caches else c.cache for c in ctxs]
         self.x = torch.zeros(sum(self.n), cfg.patch_latent_dim, device=dev)          # the noisy tokens, packed

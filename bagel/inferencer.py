@@ -100,7 +100,8 @@ def _check_image(img) -> Image.Image:
     return to_rgb(img, copy=False)  # RGBA/LA/P/L/CMYK are converted (transparency composited on white); resized copies follow
 
 def add_image(self: Inferencer, prompts: list, images: list, vae: bool = True, vit: bool = True,
-              generator: torch.Generator | None = None):
+              generator: torch.Generator | None = None,
+              defer: bool = False):    # run the blocks with the next forward on `cond` (see `Bagel.extend_vit`)
     "Append one image per prompt to `cond`: clean VAE latents (Z) then ViT tokens (V); `text` snapshots after."
     if len(prompts) != len(images): raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     dev = self.model.device
@@ -115,9 +116,9 @@ def add_image(self: Inferencer, prompts: list, images: list, vae: bool = True, v
     if vae:
         w = self.vae.encoder.conv_in.weight
         lat = [self.vae.encode(vae_in(im)[None].to(w.device, w.dtype), generator=generator)[0] for im in imgs]
-        self.model.extend_vae(ctxs, lat)
+        self.model.extend_vae(ctxs, lat, defer=defer)
     if vit:
-        self.model.extend_vit(ctxs, [vit_in(im) for im in imgs])
+        self.model.extend_vit(ctxs, [vit_in(im) for im in imgs], defer=defer)
     for p, shape in zip(prompts, shapes):
         p.image_shape, p.text, p.last_token = shape, p.cond.fork(), self.config.tokens.end_of_image
 
@@ -290,8 +291,8 @@ def understand(self: Inferencer, images, question: str | list, think: bool = Fal
     per = [im if isinstance(im, (list, tuple)) else [im] for im in images]
     for k in range(max(len(x) for x in per)):
         sel = [i for i, x in enumerate(per) if k < len(x)]
-        self.add_image([ps[i] for i in sel], [per[i][k] for i in sel], vae=False)
-    ids = [self._text_ids(q, p.cond) for p, q in zip(ps, questions)]   # the question rides the first step's forward
+        self.add_image([ps[i] for i in sel], [per[i][k] for i in sel], vae=False, defer=True)
+    ids = [self._text_ids(q, p.cond) for p, q in zip(ps, questions)]   # images, question and first token: one forward
     return self.gen_text([p.cond for p in ps], max_length=max_length, do_sample=do_sample, temperature=temperature,
                          generator=generator, prefix=ids)
 
@@ -333,6 +334,7 @@ def interleave(self: Inferencer, inputs: list, outputs: list | str = ("text",), 
 def _next_kind(self: Inferencer, p: Prompt) -> str | None:
     "What the model would open after the last block: 'text', 'image' or None (peeks without touching the context)."
     tk = self.config.tokens
+    self.model.flush([p.cond])
     probe = p.cond.fork()                        # re-run the block's last token against the cache before it:
     for i in range(probe.cache.num_layers):       # it sees exactly what it saw when the block was added
         probe.cache.keys[i], probe.cache.values[i] = probe.cache.keys[i][:-1], probe.cache.values[i][:-1]

@@ -211,15 +211,16 @@ def latent_tokens(self: Bagel, z: Tensor) -> tuple:  # model latent [C, h*p, w*p
 # %% ../nbs/02_model.ipynb #f97c0db4
 @dataclass
 class Context:
-    "Inference state of one sequence: its KV cache and the next RoPE position."
+    "Inference state of one sequence: its KV cache, the next RoPE position, and blocks placed but not yet run."
     cache: KVCache
     rope: int = 0
+    pending: tuple = ()     # (embeds, pos, is_gen, mode) per deferred block: the next forward runs them first
 
     def fork(self) -> "Context":
         "A copy that shares the cached prefix; appends to either never show in the other."
-        return Context(self.cache.fork(), self.rope)
+        return Context(self.cache.fork(), self.rope, self.pending)
 
-    def __len__(self) -> int: return len(self.cache)
+    def __len__(self) -> int: return len(self.cache)   # cached tokens (pending blocks count once they have run)
 
 # %% ../nbs/02_model.ipynb #2566491c
 @dataclass
@@ -228,18 +229,35 @@ class _Block:
     embeds: list      # per sequence [n_i, H]
     pos: list         # per sequence [n_i] RoPE positions
     is_gen: list      # per sequence [n_i] bool
-    mode: str         # "causal" | "full"
+    mode: str | list  # "causal" | "full", or one of them per sequence
 
 @patch
-def _run(self: Bagel, ctxs: list, blk: _Block, update_cache: bool) -> Tensor:  # -> [n, H] packed hidden
-    "Run one block per sequence against its context; append to the caches if asked."
+def _run(self: Bagel, ctxs: list, blk: _Block, update_cache: bool) -> Tensor:  # -> [n, H] packed hidden of blk
+    "Run one block per sequence against its context (its pending blocks first); append to the caches if asked."
     if len(ctxs) != len(blk.embeds): raise ValueError(f"{len(ctxs)} contexts for {len(blk.embeds)} sequences")
-    q_lens = [e.shape[0] for e in blk.embeds]
-    plan = AttnPlan.batch(q_lens, [blk.mode] * len(ctxs), [len(c) for c in ctxs])
-    is_gen = torch.cat(blk.is_gen)                     # on the host: routing needs no device sync
-    return self.language_model.model(torch.cat(blk.embeds), torch.cat(blk.pos), plan,
-                                     is_gen=is_gen if bool(is_gen.any()) else None,
-                                     caches=[c.cache for c in ctxs], update_cache=update_cache)
+    modes = [blk.mode] * len(ctxs) if isinstance(blk.mode, str) else list(blk.mode)
+    if any(c.pending for c in ctxs) and not update_cache: self.flush(ctxs)   # a read-only forward reads them cached
+    seqs = [[*c.pending, (e, p, g, m)] for c, e, p, g, m in zip(ctxs, blk.embeds, blk.pos, blk.is_gen, modes)]
+    plan = AttnPlan.from_splits([[(b[0].shape[0], b[3]) for b in s] for s in seqs], [len(c) for c in ctxs])
+    cat = lambda j: torch.cat([b[j] for s in seqs for b in s])
+    is_gen = cat(2)                                    # on the host: routing needs no device sync
+    h = self.language_model.model(cat(0), cat(1), plan, is_gen=is_gen if bool(is_gen.any()) else None,
+                                  caches=[c.cache for c in ctxs], update_cache=update_cache)
+    if not any(len(s) > 1 for s in seqs): return h
+    for c in ctxs: c.pending = ()
+    rows, end = [], 0                                  # the block's own rows: each sequence's last split
+    for s, n in zip(seqs, plan.q_lens):
+        end += n; rows.extend(range(end - s[-1][0].shape[0], end))
+    return h[to_device(torch.tensor(rows), h.device)]
+
+@patch
+def flush(self: Bagel, ctxs: list):
+    "Run the pending (deferred) blocks of these contexts into their caches; contexts without any are left alone."
+    todo = [c for c in ctxs if c.pending]
+    if not todo: return
+    last = [c.pending[-1] for c in todo]
+    for c in todo: c.pending = c.pending[:-1]          # _run puts the others before the last one, in one forward
+    self._run(todo, _Block(*(list(f) for f in zip(*last))), update_cache=True)
 
 def _positions(ctx: Context, n: int, same: bool, device) -> Tensor:
     return torch.full((n,), ctx.rope, device=device) if same else torch.arange(ctx.rope, ctx.rope + n, device=device)
@@ -278,25 +296,32 @@ def _framed(self: Bagel, inner: Tensor, ctx: Context, inner_gen: bool) -> tuple:
     return x, _positions(ctx, x.shape[0], True, dev), g
 
 @patch
-@torch.no_grad()
-def extend_vit(self: Bagel, ctxs: list, images: list):  # b contexts; b images [3, H_i, W_i] in [-1, 1], sides % 14 == 0
-    "Prefill one ViT image block per sequence (und expert, full attention); RoPE advances by 1."
-    x, n = self.embed_vit(images)
-    parts = [self._framed(xi, c, False) for xi, c in zip(x.split(n), ctxs)]
-    self._run(ctxs, _Block(*map(list, zip(*parts)), "full"), update_cache=True)
+def _prefill_image(self: Bagel, ctxs: list, parts: list, defer: bool):
+    "Run (or, with `defer`, place as pending) one framed image block per sequence; RoPE advances by 1."
+    if defer:
+        for c, (x, pos, g) in zip(ctxs, parts): c.pending += ((x, pos, g, "full"),)
+    else: self._run(ctxs, _Block(*map(list, zip(*parts)), "full"), update_cache=True)
     for c in ctxs: c.rope += 1
 
 @patch
 @torch.no_grad()
-def extend_vae(self: Bagel, ctxs: list, latents: list):  # b contexts; b model latents [C, h*p, w*p] (scaled)
+def extend_vit(self: Bagel, ctxs: list, images: list,  # b contexts; b images [3, H_i, W_i] in [-1, 1], sides % 14 == 0
+               defer: bool = False):   # embed now, run with the next forward on these contexts (e.g. the question's)
+    "Prefill one ViT image block per sequence (und expert, full attention); RoPE advances by 1."
+    x, n = self.embed_vit(images)
+    self._prefill_image(ctxs, [self._framed(xi, c, False) for xi, c in zip(x.split(n), ctxs)], defer)
+
+@patch
+@torch.no_grad()
+def extend_vae(self: Bagel, ctxs: list, latents: list,  # b contexts; b model latents [C, h*p, w*p] (scaled)
+               defer: bool = False):   # embed now, run with the next forward on these contexts
     "Prefill one clean-latent block per sequence (t = 0, gen expert, full attention); RoPE advances by 1."
     parts = []
     for z, c in zip(latents, ctxs):
         toks, ids, _ = self.latent_tokens(z.to(self.device))
         x = self.embed_latent(toks, torch.zeros(len(ids), device=self.device), ids)
         parts.append(self._framed(x, c, True))
-    self._run(ctxs, _Block(*map(list, zip(*parts)), "full"), update_cache=True)
-    for c in ctxs: c.rope += 1
+    self._prefill_image(ctxs, parts, defer)
 
 # %% ../nbs/02_model.ipynb #e863b67e
 @patch

@@ -317,6 +317,16 @@ def seq_kind(self: AttnPlan, i: int) -> str:
     "'causal' or 'full' when sequence `i` is one split of that kind ('noise' counts as full), else 'mixed'."
     return self._memo["seq_kinds"][i]
 
+@patch
+def seq_splits(self: AttnPlan, i: int) -> tuple:  # -> ((start, end, mode), ...) query offsets inside sequence i
+    "The splits of sequence `i`, in order (memoised)."
+    if "seq_splits" not in self._memo:
+        out, at = [[] for _ in self.q_lens], [0] * len(self.q_lens)
+        for n, m, s in zip(self.split_lens, self.attn_modes, self._memo["split_seq"]):
+            out[s].append((at[s], at[s] + n, m)); at[s] += n
+        self._memo["seq_splits"] = tuple(map(tuple, out))
+    return self._memo["seq_splits"][i]
+
 # %% ../nbs/00_core_mot.ipynb #182ca01a
 @patch
 def token_info(self: AttnPlan, device=None) -> tuple[TokenInfo, TokenInfo]:
@@ -381,18 +391,28 @@ def _sdpa(q, k, v, plan: AttnPlan) -> Tensor:
     # O(n^2)-memory math kernel. Flash takes grouped kv heads (enable_gqa) but no mask; with a mask, the kv heads are
     # repeated so that the memory-efficient kernel can take it.
     rep, outs = q.shape[1] // k.shape[1], []
-    for i in range(plan.n_seq):
-        qi = _bhnd(q[plan.cu_q[i]:plan.cu_q[i + 1]])
-        ki, vi = _bhnd(k[plan.cu_k[i]:plan.cu_k[i + 1]]), _bhnd(v[plan.cu_k[i]:plan.cu_k[i + 1]])
-        kind, mask, is_causal = plan.seq_kind(i), None, False
-        if kind == "causal" and qi.shape[2] > 1:
-            if plan.kv_lens[i] == 0: is_causal = True
-            else: mask = plan.seq_mask(i, q.device)
-        elif kind == "mixed": mask = plan.seq_mask(i, q.device)
+    def call(qi, ki, vi, mask=None, is_causal=False):
         if mask is not None and rep > 1: ki, vi = ki.repeat_interleave(rep, 1), vi.repeat_interleave(rep, 1)
         o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=is_causal,
                                            scale=q.shape[-1] ** -0.5, enable_gqa=ki.shape[1] != qi.shape[1])
         outs.append(_nhd(o))
+    for i in range(plan.n_seq):
+        qi = _bhnd(q[plan.cu_q[i]:plan.cu_q[i + 1]])
+        ki, vi = _bhnd(k[plan.cu_k[i]:plan.cu_k[i + 1]]), _bhnd(v[plan.cu_k[i]:plan.cu_k[i + 1]])
+        kind, kv = plan.seq_kind(i), plan.kv_lens[i]
+        if kind == "causal" and qi.shape[2] > 1:
+            if kv == 0: call(qi, ki, vi, is_causal=True)
+            else: call(qi, ki, vi, plan.seq_mask(i, q.device))
+        elif kind == "mixed" and all(m != "noise" for *_, m in plan.seq_splits(i)):
+            # Without noise splits every split sees its sequence up to its own end (inference: an image block, then
+            # text, in one forward): one call per split, unmasked where it is full, so the long image block keeps
+            # the fused kernels that take no mask; a causal split of n > 1 tokens gets a small bottom-right mask.
+            for a, b, m in plan.seq_splits(i):
+                causal = m == "causal" and b - a > 1
+                mask = torch.ones(b - a, kv + b, dtype=torch.bool, device=q.device).tril(kv + a) if causal else None
+                call(qi[:, :, a:b], ki[:, :, :kv + b], vi[:, :, :kv + b], mask)
+        elif kind == "mixed": call(qi, ki, vi, plan.seq_mask(i, q.device))
+        else: call(qi, ki, vi)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 # %% ../nbs/00_core_mot.ipynb #1b96ea16
