@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from .model import BagelConfig
-from .shapesworld import check_mix_weights, vit_side
+from .shapesworld import check_mix_weights, check_tag_weights, vit_side
 from .train import TrainConfig, read_metrics
 
 # %% auto #0
@@ -69,13 +69,17 @@ class RecipeConfig:
     vit_cond_dropout_prob: float = 0.3
     vae_cond_dropout_prob: float = 0.3
     mix_weights: tuple = (1.0, 1.0, 1.0)  # sampling weights of the T2I, edit and VLM groups (applied when training reads the mix)
+    t2i_tag_weights: dict | None = None   # how often each T2I prompt kind is written, e.g. {position: 3} (bagel.shapesworld.TAGS;
+                                          # kinds not named weigh 1); None: uniform
     model: dict = field(default_factory=dict)  # overrides of BagelConfig.shapesworld(): `llm:`/`vit:`/`vae:` field dicts, other fields
     train: dict = field(default_factory=lambda: dict(
         lr=1e-3, warmup_steps=50, total_steps=800, lr_scheduler="cosine", min_lr=1e-4, ema=0.99, log_every=25,
         save_every=200, auto_resume=True, sharding_strategy="NO_SHARD", num_shard=None, mixed_precision="fp32",
         activation_checkpointing=False, max_grad_norm=1.0, global_seed=0))
 
-    def __post_init__(self): self.mix_weights = check_mix_weights(self.mix_weights, "mix_weights")
+    def __post_init__(self):
+        self.mix_weights = check_mix_weights(self.mix_weights, "mix_weights")
+        check_tag_weights(self.t2i_tag_weights)
 
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "RecipeConfig":
@@ -179,7 +183,8 @@ def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
 def data_settings(cfg: RecipeConfig) -> dict:
     "What the written ShapesWorld data depends on (mix weights are applied when it is read): runs that agree share it."
     keys = ("n_t2i", "n_edit", "n_vlm", "size", "seed", "rows_per_file", "row_group_size")
-    return {**{k: getattr(cfg, k) for k in keys}, "vit_size": vit_side(cfg.size, cfg.vit_size)}
+    tags = {"t2i_tag_weights": cfg.t2i_tag_weights} if cfg.t2i_tag_weights is not None else {}   # absent: as before
+    return {**{k: getattr(cfg, k) for k in keys}, "vit_size": vit_side(cfg.size, cfg.vit_size), **tags}
 
 def make_data(cfg: RecipeConfig) -> Path:
     "ShapesWorld in the official formats (reused when written with the same settings); returns the mix.yaml path."
@@ -193,7 +198,8 @@ def make_data(cfg: RecipeConfig) -> Path:
     write_json(root / "recipe_data.json", want)         # first: whenever mix.yaml exists, so do its settings
     return Path(write_shapesworld(root, n_t2i=cfg.n_t2i, n_edit=cfg.n_edit, n_vlm=cfg.n_vlm, size=cfg.size,
                                   seed=cfg.seed, rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size,
-                                  workers=max(1, cfg.num_workers), vit_size=cfg.vit_size, weights=cfg.mix_weights)["mix"])
+                                  workers=max(1, cfg.num_workers), vit_size=cfg.vit_size, weights=cfg.mix_weights,
+                                  t2i_tag_weights=cfg.t2i_tag_weights)["mix"])
 
 def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_size: int = 1):
     "This rank's packed batches of the mix: a DataLoader whose workers read, decode and pack (the dataset itself when num_workers is 0)."

@@ -17,9 +17,10 @@ from PIL import Image, ImageDraw
 __all__ = ['SHAPES', 'UNKNOWN', 'COLORS', 'BACKGROUNDS', 'SIZES', 'CELLS', 'RELATIONS', 'MIN_SHAPE_IOU', 'TAGS', 'NUMBERS',
            'EDIT_OPS', 'QUESTION_TYPES', 'HELDOUT_KINDS', 'Obj', 'Scene', 'random_obj', 'random_scene', 'render',
            'png_bytes', 'parse', 'parse_background', 'draw_parse', 'judge_agrees', 'degrade', 'holds', 'describe',
-           't2i_sample', 'scene_spec', 'check_t2i_spec', 'spec_holds', 'score_t2i', 'refer', 'apply_edit',
-           'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample', 'score_vqa', 't2i_row',
-           'edit_row', 'check_mix_weights', 'vit_side', 'mix_config', 'write_shapesworld', 'heldout']
+           'check_tag_weights', 't2i_sample', 'scene_spec', 'check_t2i_spec', 'spec_holds', 'score_t2i', 'refer',
+           'apply_edit', 'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample',
+           'score_vqa', 't2i_row', 'edit_row', 'check_mix_weights', 'vit_side', 'mix_config', 'write_shapesworld',
+           'heldout']
 
 # %% ../nbs/21_shapesworld.ipynb #658d4b9f
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -328,11 +329,24 @@ def _t2i_color_attr(rng):
 # %% ../nbs/21_shapesworld.ipynb #1d0353c4
 _T2I_MAKERS = {t: globals()[f"_t2i_{t}"] for t in TAGS}   # tag -> (object attrs, include, exclude, prompts) maker
 
+def check_tag_weights(weights, name: str = "t2i_tag_weights") -> tuple | None:  # -> one weight per TAGS entry, or None
+    "T2I prompt kinds' sampling weights: None (uniform), or a dict naming some of TAGS (the kinds not named weigh 1)."
+    if weights is None: return None
+    if not isinstance(weights, dict):
+        raise TypeError(f"{name} must be a dict of prompt kinds to weights, e.g. {{'position': 3, 'color_attr': 3}}, got {weights!r}")
+    if bad := sorted(set(weights) - set(TAGS)): raise ValueError(f"{name}: unknown prompt kinds {bad}; the kinds are {list(TAGS)}")
+    try: w = tuple(float(weights.get(t, 1.0)) for t in TAGS)
+    except (TypeError, ValueError): raise TypeError(f"{name} values must be numbers, got {weights!r}") from None
+    if min(w) < 0 or not sum(w) > 0: raise ValueError(f"{name} must be numbers >= 0, not all 0, got {weights!r}")
+    return w
+
 def t2i_sample(rng, tag: str | None = None,            # one of TAGS; None draws one
-               backgrounds=tuple(BACKGROUNDS)) -> dict:  # -> {'scene', 'spec', 'prompts', 'description'}
+               backgrounds=tuple(BACKGROUNDS),
+               tag_weights: dict | None = None) -> dict:  # how often each tag is drawn (check_tag_weights) -> {'scene', 'spec', 'prompts', 'description'}
     "A scene drawn from a GenEval-style prompt spec, with three phrasings of the prompt and a full description."
     rng = _as_rng(rng)
-    tag = rng.choice(TAGS) if tag is None else tag
+    if tag is None:   # uniform draws keep rng.choice: data written before weights existed stays the same
+        tag = rng.choice(TAGS) if tag_weights is None else rng.choices(TAGS, weights=check_tag_weights(tag_weights))[0]
     _check_choice("tag", tag, TAGS)
     objs, include, exclude, prompts = _T2I_MAKERS[tag](rng)
     free = [c for c in CELLS if c not in {o.get("cell") for o in objs}]
@@ -580,9 +594,9 @@ def score_vqa(question_spec: dict, answer_text: str) -> bool:
 # %% ../nbs/21_shapesworld.ipynb #cf7d13da
 def _rng_for(split: str, source: str, seed: int, i: int) -> random.Random: return random.Random(f"shapesworld/{split}/{source}/{seed}/{i}")
 
-def t2i_row(rng, size: int = 64) -> dict:
+def t2i_row(rng, size: int = 64, tag_weights: dict | None = None) -> dict:
     "One T2I parquet row: PNG bytes and the JSON captions dict."
-    s = t2i_sample(rng)
+    s = t2i_sample(rng, tag_weights=tag_weights)
     caps = {f"caption_{k}": c for k, c in enumerate([*s["prompts"], s["description"]])}
     return {"image": png_bytes(render(s["scene"], size)), "captions": json.dumps(caps)}
 
@@ -626,15 +640,17 @@ _SCHEMAS = {"t2i": lambda pa: pa.schema([("image", pa.binary()), ("captions", pa
 def _parquet_part(args) -> str:
     "Write one parquet file: rows [start, stop) of `source` (a unit of work for a process pool)."
     import pyarrow as pa, pyarrow.parquet as pq
-    path, source, seed, size, start, stop, row_group_size = args
-    make, schema = (t2i_row if source == "t2i" else edit_row), _SCHEMAS[source](pa)
+    path, source, seed, size, start, stop, row_group_size, tag_weights = args
+    make = functools.partial(t2i_row, tag_weights=tag_weights) if source == "t2i" else edit_row
+    schema = _SCHEMAS[source](pa)
     rows = [make(_rng_for("train", source, seed, i), size) for i in range(start, stop)]
     pq.write_table(pa.table({c: [r[c] for r in rows] for c in schema.names}, schema=schema), path, row_group_size=row_group_size)
     return Path(path).name
 
-def _write_parquet(folder: Path, source: str, seed: int, size: int, n: int, rows_per_file: int, row_group_size: int, run) -> list:
+def _write_parquet(folder: Path, source: str, seed: int, size: int, n: int, rows_per_file: int, row_group_size: int, run,
+                   tag_weights: dict | None = None) -> list:
     folder.mkdir(parents=True)
-    jobs = [(str(folder / f"part-{k:05d}.parquet"), source, seed, size, start, min(start + rows_per_file, n), row_group_size)
+    jobs = [(str(folder / f"part-{k:05d}.parquet"), source, seed, size, start, min(start + rows_per_file, n), row_group_size, tag_weights)
             for k, start in enumerate(range(0, n, rows_per_file))]
     return list(run(_parquet_part, jobs))
 
@@ -666,7 +682,8 @@ def write_shapesworld(root,                         # folder to write into (crea
                       overwrite: bool = False,      # replace an existing ShapesWorld in root
                       workers: int = 1,             # processes rendering files in parallel (same bytes for any number)
                       vit_size: int | None = None,  # the ViT side in mix.yaml (vit_side); None: nearest multiple of 14
-                      weights=(1.0, 1.0, 1.0)) -> dict:  # mix.yaml sampling weights of the T2I, edit and VLM groups
+                      weights=(1.0, 1.0, 1.0),      # mix.yaml sampling weights of the T2I, edit and VLM groups
+                      t2i_tag_weights: dict | None = None) -> dict:  # how often each T2I prompt kind is written (check_tag_weights)
     "Write the T2I, edit and VLM sources plus dataset_info.yaml and mix.yaml; return their paths."
     import pyarrow.parquet as pq
     from concurrent.futures import ProcessPoolExecutor
@@ -674,7 +691,7 @@ def write_shapesworld(root,                         # folder to write into (crea
                     ("workers", workers)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     render(Scene(), size); vit_side(size, vit_size)                # validate size, vit_size and weights before writing anything
-    weights = check_mix_weights(weights)
+    weights = check_mix_weights(weights); check_tag_weights(t2i_tag_weights)
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     if (taken := [p for p in _OWNED if (root / p).exists()]) and not overwrite:
         raise FileExistsError(f"{root} already holds {taken}: pass overwrite=True to replace them, or write elsewhere")
@@ -683,7 +700,7 @@ def write_shapesworld(root,                         # folder to write into (crea
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     run = pool.map if pool else map                                  # every unit is seeded by its indices alone
     try:
-        t2i = _write_parquet(stage / "t2i", "t2i", seed, size, n_t2i, rows_per_file, row_group_size, run)
+        t2i = _write_parquet(stage / "t2i", "t2i", seed, size, n_t2i, rows_per_file, row_group_size, run, t2i_tag_weights)
         edit = _write_parquet(stage / "editing", "edit", seed, size, n_edit, rows_per_file, row_group_size, run)
         info = {f"{base}editing/{f}": {"num_row_groups": pq.ParquetFile(stage / "editing" / f).metadata.num_row_groups} for f in edit}
         (stage / "editing" / "parquet_info.json").write_text(json.dumps(info, indent=1))

@@ -303,6 +303,9 @@ def test_recipe_reuses_data_and_base_only_when_made_with_the_same_settings(tmp_p
     assert make_data(replace(cfg, mix_weights=(2, 1, 1))) == mix and mix.stat().st_mtime_ns == stamp   # read-time weights: reused
     with pytest.raises(ValueError, match=r"n_t2i: 40 there, 41 now.*another `out`"): make_data(replace(cfg, n_t2i=41))
     with pytest.raises(ValueError, match="size: 64 there, 32 now"): make_data(replace(cfg, size=32))
+    with pytest.raises(ValueError, match=r"t2i_tag_weights.position: None there, 3 now"):
+        make_data(replace(cfg, t2i_tag_weights={"position": 3}))     # the prompt kinds are written into the data
+    with pytest.raises(ValueError, match="unknown prompt kinds"): replace(cfg, t2i_tag_weights={"posture": 3})
     base = make_base_dir(cfg, log=None)
     assert make_base_dir(cfg, log=None) == base
     with pytest.raises(ValueError, match=r"model dir .*model.llm.num_hidden_layers: 4 there, 3 now"): make_base_dir(replace(cfg, model={"llm": {"num_hidden_layers": 3}}), log=None)
