@@ -318,6 +318,13 @@ def seq_kind(self: AttnPlan, i: int) -> str:
     return self._memo["seq_kinds"][i]
 
 @patch
+def split_mask(self: AttnPlan, kv: int, a: int, b: int, device=None) -> Tensor:
+    "Bool mask [b-a, kv+b] of a causal split at query offsets [a, b) behind `kv` cached keys (memoised: every layer reads it)."
+    key = ("split_mask", kv, a, b, str(torch.device(device or "cpu")))
+    if key not in self._memo: self._memo[key] = torch.ones(b - a, kv + b, dtype=torch.bool, device=device).tril(kv + a)
+    return self._memo[key]
+
+@patch
 def seq_splits(self: AttnPlan, i: int) -> tuple:  # -> ((start, end, mode), ...) query offsets inside sequence i
     "The splits of sequence `i`, in order (memoised)."
     if "seq_splits" not in self._memo:
@@ -415,8 +422,7 @@ def _sdpa(q, k, v, plan: AttnPlan) -> Tensor:
             # text, in one forward): one call per split, unmasked where it is full, so the long image block keeps
             # the fused kernels that take no mask; a causal split of n > 1 tokens gets a small bottom-right mask.
             for a, b, m in plan.seq_splits(i):
-                causal = m == "causal" and b - a > 1
-                mask = torch.ones(b - a, kv + b, dtype=torch.bool, device=q.device).tril(kv + a) if causal else None
+                mask = plan.split_mask(kv, a, b, q.device) if m == "causal" and b - a > 1 else None
                 call(qi[:, :, a:b], ki[:, :, :kv + b], vi[:, :, :kv + b], mask)
         elif kind == "mixed": call(qi, ki, vi, plan.seq_mask(i, q.device))
         else: call(qi, ki, vi)

@@ -94,16 +94,16 @@ def main(argv=None):
         t["attn", what] = best
     vae = vae_decode_time(1024); rows.append(["VAE decode", "1024x1024", round(vae * 1e3, 1), ""])
     t2i, edit = floors(t, vae)
-    floors = (f"Kernel floor, T2I 1024² (41 two-branch passes + 8 one-branch passes, 28 layers, + VAE decode): **{t2i:.2f} s** "
+    summary = (f"Kernel floor, T2I 1024² (41 two-branch passes + 8 one-branch passes, 28 layers, + VAE decode): **{t2i:.2f} s** "
               f"(the issue's arithmetic floor: 6.9 s; goal 7.7 s). Edit 1024² (49 steps x 3 branches; keys: the 4096 latents, "
               f"the source's 4096 VAE and 4900 ViT tokens, {a.prompt} text): **{edit:.2f} s** (issue: 12.2 s; goal 14 s).")
-    print(floors)
+    print(summary)
     report("kernel floor (issue 10): the matmuls, attention and VAE decode of a 1024² pass, each timed alone",
            ["kernel", "shape", "ms", "TFLOP/s"], rows,
            notes="bf16; linear: `F.linear` (weight [out, in], as the checkpoint's), M = the latent tokens of one (4096) or two "
                  "(8192) CFG branches; attention: `scaled_dot_product_attention` with GQA, one branch, no mask, per backend; "
                  "median of 20 CUDA-event timings after 3 warm-ups (VAE: 5 after 2). Each pass takes the faster of the "
-                 "separate and fused projections and the fastest attention backend. " + floors + " Not in the sum: norms, "
+                 "separate and fused projections and the fastest attention backend. " + summary + " Not in the sum: norms, "
                  "RoPE, SwiGLU, residual adds, the timestep and position embeddings, and the context prefill.",
            results=Path(a.results) if a.results else RESULTS)
 

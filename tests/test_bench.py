@@ -33,3 +33,19 @@ def test_times_and_op_tables_with_a_trace(tmp_path, monkeypatch):
     assert "aten::mm" in table
     events = json.loads(gzip.open(tmp_path / "t.json.gz").read())["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in events) and not list(tmp_path.glob("*.part"))
+
+def test_bench_kernels_main_with_fake_timings(tmp_path, monkeypatch):
+    "bench_kernels.main end to end on the host, each kernel's timer replaced by its FLOPs at 790 TFLOP/s: the table and both floors."
+    import torch
+    import bench.bench_kernels as bk
+    rate = 790e12
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)           # main's guard; the report names the device
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "fake timings")
+    monkeypatch.setattr(bk, "linear_time", lambda m, k, n: 2 * m * k * n / rate)
+    monkeypatch.setattr(bk, "attention_time", lambda q, kv, backend: 4 * q * kv * bk.HD * bk.NH / rate)
+    monkeypatch.setattr(bk, "vae_decode_time", lambda side: 0.5)
+    bk.main(["--results", str(tmp_path / "R.md")])
+    text = (tmp_path / "R.md").read_text()
+    assert "kernel floor (issue 10)" in text and "| linear gate_up | 8192 x 3584 -> 37888 |" in text
+    assert "T2I 1024²" in text and "**7.37 s**" in text                 # 6.87 s of kernels + the 0.5 s decode
