@@ -97,8 +97,9 @@ class RecipeConfig:
         d = apply_overrides(copy.deepcopy(d), overrides)
         known = {f for f in cls.__dataclass_fields__}
         if bad := set(d) - known: raise ValueError(f"unknown recipe keys {sorted(bad)}; valid: {sorted(known)}")
-        if bad := sorted(k for k, v in d.items() if isinstance(v, dict) and k not in ("model", "train")):
-            raise ValueError(f"recipe keys {bad} take a value, not a section of keys (only `model:` and `train:` are sections)")
+        maps = sorted(k for k, f in cls.__dataclass_fields__.items() if "dict" in str(f.type))   # model, train, t2i_tag_weights
+        if bad := sorted(k for k, v in d.items() if isinstance(v, dict) and k not in maps):
+            raise ValueError(f"recipe keys {bad} take a value, not a section of keys (only {', '.join(maps)} hold mappings)")
         train = {**cls().train, **(d.pop("train", None) or {})}
         return cls(**d, train=train)
 

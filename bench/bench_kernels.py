@@ -64,6 +64,15 @@ def floors(t: dict, vae: float) -> tuple:  # -> (T2I seconds, edit seconds)
     edit = LAYERS * 49 * (mm(8192) + mm(4096) + 2 * t["attn", "edit context"] + t["attn", "edit no-image"])
     return t2i + vae, edit + vae
 
+def gpu_limits() -> str:
+    "The GPU's SM clock (now / max) and power (draw / cap), from nvidia-smi; '' where it cannot be read."
+    import subprocess
+    q = "clocks.sm,clocks.max.sm,power.draw,power.limit"
+    try: out = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader", "-i", "0"],
+                              capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError): return ""
+    return f"nvidia-smi ({q}): {out}" if out else ""
+
 def kv_lengths(prompt: int, n: int = 4096) -> dict:
     "Keys per branch: T2I (latents + prompt); edit with the source image's 4096 VAE and 4900 ViT tokens, and without."
     return {"t2i": n + prompt, "edit context": n + 4096 + 4900 + prompt, "edit no-image": n + prompt}
@@ -82,6 +91,9 @@ def main(argv=None):
         for name, (k, n) in {**LINEARS, **FUSED}.items():
             s = linear_time(m, k, n); t[name, m] = s
             rows.append([f"linear {name}", f"{m} x {k} -> {n}", round(s * 1e3, 3), round(2 * m * k * n / s / 1e12)])
+    for m in (8192, 16384):      # the card's own bf16 rate: large square products, for the 790 TFLOP/s
+        s = linear_time(m, m, m)
+        rows.append(["linear square (reference)", f"{m} x {m} -> {m}", round(s * 1e3, 3), round(2 * m ** 3 / s / 1e12)])
     n = 4096
     kv = kv_lengths(a.prompt, n)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -104,7 +116,8 @@ def main(argv=None):
                  "(8192) CFG branches; attention: `scaled_dot_product_attention` with GQA, one branch, no mask, per backend; "
                  "median of 20 CUDA-event timings after 3 warm-ups (VAE: 5 after 2). Each pass takes the faster of the "
                  "separate and fused projections and the fastest attention backend. " + summary + " Not in the sum: norms, "
-                 "RoPE, SwiGLU, residual adds, the timestep and position embeddings, and the context prefill.",
+                 "RoPE, SwiGLU, residual adds, the timestep and position embeddings, and the context prefill. The square "
+                 "products are not in it: they show the rate this card reaches on a large matmul. " + gpu_limits(),
            results=Path(a.results) if a.results else RESULTS)
 
 if __name__ == "__main__":

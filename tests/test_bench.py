@@ -49,3 +49,4 @@ def test_bench_kernels_main_with_fake_timings(tmp_path, monkeypatch):
     text = (tmp_path / "R.md").read_text()
     assert "kernel floor (issue 10)" in text and "| linear gate_up | 8192 x 3584 -> 37888 |" in text
     assert "T2I 1024²" in text and "**7.37 s**" in text                 # 6.87 s of kernels + the 0.5 s decode
+    assert "| linear square (reference) | 16384 x 16384 -> 16384 | 11.13 | 790 |" in text    # not in the floor
