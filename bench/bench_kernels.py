@@ -64,14 +64,19 @@ def floors(t: dict, vae: float) -> tuple:  # -> (T2I seconds, edit seconds)
     edit = LAYERS * 49 * (mm(8192) + mm(4096) + 2 * t["attn", "edit context"] + t["attn", "edit no-image"])
     return t2i + vae, edit + vae
 
-def gpu_limits() -> str:
-    "The GPU's SM clock (now / max) and power (draw / cap), from nvidia-smi; '' where it cannot be read."
+def gpu_limits(busy: bool = True) -> str:
+    """The GPU's SM clock (now / max), power (draw / cap) and active throttle reasons from nvidia-smi, read while ~2 s
+    of large products are queued on it (`busy`), so they are the clocks the products run at; '' where unreadable."""
     import subprocess
-    q = "clocks.sm,clocks.max.sm,power.draw,power.limit"
-    try: out = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader", "-i", "0"],
+    q = "clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_throttle_reasons.active"
+    if busy:
+        x = torch.randn(16384, 16384, device="cuda", dtype=torch.bfloat16)
+        for _ in range(150): F.linear(x, x)          # queued, not waited for: nvidia-smi reads the card under load
+    try: out = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader", "-i", str(torch.cuda.current_device())],
                               capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError): return ""
-    return f"nvidia-smi ({q}): {out}" if out else ""
+    except (OSError, subprocess.SubprocessError): out = ""
+    if busy: torch.cuda.synchronize()
+    return f"nvidia-smi ({q}){' under load' if busy else ''}: {out}" if out else ""
 
 def kv_lengths(prompt: int, n: int = 4096) -> dict:
     "Keys per branch: T2I (latents + prompt); edit with the source image's 4096 VAE and 4900 ViT tokens, and without."

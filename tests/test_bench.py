@@ -45,8 +45,10 @@ def test_bench_kernels_main_with_fake_timings(tmp_path, monkeypatch):
     monkeypatch.setattr(bk, "linear_time", lambda m, k, n: 2 * m * k * n / rate)
     monkeypatch.setattr(bk, "attention_time", lambda q, kv, backend: 4 * q * kv * bk.HD * bk.NH / rate)
     monkeypatch.setattr(bk, "vae_decode_time", lambda side: 0.5)
+    monkeypatch.setattr(bk, "gpu_limits", lambda busy=True: "nvidia-smi (clocks): 1980 MHz")   # no nvidia-smi here
     bk.main(["--results", str(tmp_path / "R.md")])
     text = (tmp_path / "R.md").read_text()
     assert "kernel floor (issue 10)" in text and "| linear gate_up | 8192 x 3584 -> 37888 |" in text
     assert "T2I 1024²" in text and "**7.37 s**" in text                 # 6.87 s of kernels + the 0.5 s decode
     assert "| linear square (reference) | 16384 x 16384 -> 16384 | 11.13 | 790 |" in text    # not in the floor
+    assert "nvidia-smi (clocks): 1980 MHz" in text
