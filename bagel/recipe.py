@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from .model import BagelConfig
-from .shapesworld import check_mix_weights, check_tag_weights, vit_side
+from .shapesworld import check_mix_weights, check_share, check_tag_weights, vit_side
 from .train import TrainConfig, read_metrics
 
 # %% auto #0
@@ -71,6 +71,7 @@ class RecipeConfig:
     mix_weights: tuple = (1.0, 1.0, 1.0)  # sampling weights of the T2I, edit and VLM groups (applied when training reads the mix)
     t2i_tag_weights: dict | None = None   # how often each T2I prompt kind is written, e.g. {position: 3} (bagel.shapesworld.TAGS;
                                           # kinds not named weigh 1); None: uniform
+    vlm_caption_share: float = 0.0        # fraction of VLM rows that ask for a caption of a T2I scene (image -> prompt text)
     model: dict = field(default_factory=dict)  # overrides of BagelConfig.shapesworld(): `llm:`/`vit:`/`vae:` field dicts, other fields
     train: dict = field(default_factory=lambda: dict(
         lr=1e-3, warmup_steps=50, total_steps=800, lr_scheduler="cosine", min_lr=1e-4, ema=0.99, log_every=25,
@@ -80,6 +81,7 @@ class RecipeConfig:
     def __post_init__(self):
         self.mix_weights = check_mix_weights(self.mix_weights, "mix_weights")
         check_tag_weights(self.t2i_tag_weights)
+        self.vlm_caption_share = check_share(self.vlm_caption_share, "vlm_caption_share")
 
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "RecipeConfig":
@@ -184,8 +186,9 @@ def make_base_dir(cfg: RecipeConfig, log=print) -> Path:
 def data_settings(cfg: RecipeConfig) -> dict:
     "What the written ShapesWorld data depends on (mix weights are applied when it is read): runs that agree share it."
     keys = ("n_t2i", "n_edit", "n_vlm", "size", "seed", "rows_per_file", "row_group_size")
-    tags = {"t2i_tag_weights": cfg.t2i_tag_weights} if cfg.t2i_tag_weights is not None else {}   # absent: as before
-    return {**{k: getattr(cfg, k) for k in keys}, "vit_size": vit_side(cfg.size, cfg.vit_size), **tags}
+    extra = {**({"t2i_tag_weights": cfg.t2i_tag_weights} if cfg.t2i_tag_weights is not None else {}),   # absent at
+             **({"vlm_caption_share": cfg.vlm_caption_share} if cfg.vlm_caption_share else {})}          # defaults: as before
+    return {**{k: getattr(cfg, k) for k in keys}, "vit_size": vit_side(cfg.size, cfg.vit_size), **extra}
 
 def make_data(cfg: RecipeConfig) -> Path:
     "ShapesWorld in the official formats (reused when written with the same settings); returns the mix.yaml path."
@@ -200,7 +203,7 @@ def make_data(cfg: RecipeConfig) -> Path:
     return Path(write_shapesworld(root, n_t2i=cfg.n_t2i, n_edit=cfg.n_edit, n_vlm=cfg.n_vlm, size=cfg.size,
                                   seed=cfg.seed, rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size,
                                   workers=max(1, cfg.num_workers), vit_size=cfg.vit_size, weights=cfg.mix_weights,
-                                  t2i_tag_weights=cfg.t2i_tag_weights)["mix"])
+                                  t2i_tag_weights=cfg.t2i_tag_weights, vlm_caption_share=cfg.vlm_caption_share)["mix"])
 
 def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_size: int = 1):
     "This rank's packed batches of the mix: a DataLoader whose workers read, decode and pack (the dataset itself when num_workers is 0)."

@@ -15,12 +15,12 @@ from PIL import Image, ImageDraw
 
 # %% auto #0
 __all__ = ['SHAPES', 'UNKNOWN', 'COLORS', 'BACKGROUNDS', 'SIZES', 'CELLS', 'RELATIONS', 'MIN_SHAPE_IOU', 'TAGS', 'NUMBERS',
-           'EDIT_OPS', 'QUESTION_TYPES', 'HELDOUT_KINDS', 'Obj', 'Scene', 'random_obj', 'random_scene', 'render',
-           'png_bytes', 'parse', 'parse_background', 'draw_parse', 'judge_agrees', 'degrade', 'holds', 'describe',
-           'check_tag_weights', 't2i_sample', 'scene_spec', 'check_t2i_spec', 'spec_holds', 'score_t2i', 'refer',
-           'apply_edit', 'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample',
-           'score_vqa', 't2i_row', 'edit_row', 'check_mix_weights', 'vit_side', 'mix_config', 'write_shapesworld',
-           'heldout']
+           'EDIT_OPS', 'QUESTION_TYPES', 'CAPTION_REQUESTS', 'HELDOUT_KINDS', 'Obj', 'Scene', 'random_obj',
+           'random_scene', 'render', 'png_bytes', 'parse', 'parse_background', 'draw_parse', 'judge_agrees', 'degrade',
+           'holds', 'describe', 'check_tag_weights', 't2i_sample', 'scene_spec', 'check_t2i_spec', 'spec_holds',
+           'score_t2i', 'refer', 'apply_edit', 'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask',
+           'vqa_sample', 'caption_sample', 'check_share', 'score_vqa', 't2i_row', 'edit_row', 'check_mix_weights',
+           'vit_side', 'mix_config', 'write_shapesworld', 'heldout']
 
 # %% ../nbs/21_shapesworld.ipynb #658d4b9f
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -568,6 +568,22 @@ def vqa_sample(rng, n_turns: int | None = None) -> dict:  # -> {'scene', 'qa': [
         conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": spec["answer"]}]
     return {"scene": scene, "qa": qa, "conversations": conv}
 
+CAPTION_REQUESTS = ("Describe the image.", "Write a caption for this image.", "What does this image show?")
+
+def caption_sample(rng) -> dict:  # -> {'scene', 'caption', 'conversations'}
+    "A T2I scene and a captioning turn in the VLM JSONL shape: the answer is one of its prompts or its full description."
+    rng = _as_rng(rng)
+    s = t2i_sample(rng)
+    cap = rng.choice([*s["prompts"], s["description"]])
+    conv = [{"from": "human", "value": "<image>\n" + rng.choice(CAPTION_REQUESTS)}, {"from": "gpt", "value": cap}]
+    return {"scene": s["scene"], "spec": s["spec"], "caption": cap, "conversations": conv}
+
+def check_share(x, name: str) -> float:
+    "A fraction in [0, 1] as a float; a clear error otherwise."
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1] (the fraction of rows), got {x!r}")
+    return float(x)
+
 _SYNONYMS = {"grey": "gray", "centre": "center", "middle": "center", "upper": "top", "lower": "bottom", "true": "yes",
              "false": "no", "none": "0", "rhombus": "diamond", **{w: str(i) for i, w in enumerate(NUMBERS)},
              **{s + "s": s for s in SHAPES}}
@@ -656,17 +672,18 @@ def _write_parquet(folder: Path, source: str, seed: int, size: int, n: int, rows
 
 def _vlm_part(args) -> list:
     "Render VLM images [start, stop); return their jsonl lines in order."
-    folder, seed, size, start, stop = args
+    folder, seed, size, start, stop, caption_share = args
     lines = []
     for i in range(start, stop):
-        v = vqa_sample(_rng_for("train", "vlm", seed, i))
+        rng = _rng_for("train", "vlm", seed, i)    # share 0 draws nothing extra: the rows stay as they were
+        v = caption_sample(rng) if caption_share and rng.random() < caption_share else vqa_sample(rng)
         render(v["scene"], size).save(Path(folder) / "images" / f"{i:06d}.png")
         lines.append(json.dumps({"image": f"{i:06d}.png", "conversations": v["conversations"]}) + "\n")
     return lines
 
-def _write_vlm(folder: Path, n: int, seed: int, size: int, jsonl_name: str, run, chunk: int = 500):
+def _write_vlm(folder: Path, n: int, seed: int, size: int, jsonl_name: str, run, chunk: int = 500, caption_share: float = 0.0):
     (folder / "images").mkdir(parents=True)
-    parts = run(_vlm_part, [(str(folder), seed, size, s, min(s + chunk, n)) for s in range(0, n, chunk)])
+    parts = run(_vlm_part, [(str(folder), seed, size, s, min(s + chunk, n), caption_share) for s in range(0, n, chunk)])
     (folder / jsonl_name).write_text("".join(l for part in parts for l in part))
 
 # %% ../nbs/21_shapesworld.ipynb #64cbd547
@@ -683,7 +700,8 @@ def write_shapesworld(root,                         # folder to write into (crea
                       workers: int = 1,             # processes rendering files in parallel (same bytes for any number)
                       vit_size: int | None = None,  # the ViT side in mix.yaml (vit_side); None: nearest multiple of 14
                       weights=(1.0, 1.0, 1.0),      # mix.yaml sampling weights of the T2I, edit and VLM groups
-                      t2i_tag_weights: dict | None = None) -> dict:  # how often each T2I prompt kind is written (check_tag_weights)
+                      t2i_tag_weights: dict | None = None,  # how often each T2I prompt kind is written (check_tag_weights)
+                      vlm_caption_share: float = 0.0) -> dict:  # fraction of VLM rows that caption their image (caption_sample)
     "Write the T2I, edit and VLM sources plus dataset_info.yaml and mix.yaml; return their paths."
     import pyarrow.parquet as pq
     from concurrent.futures import ProcessPoolExecutor
@@ -691,7 +709,7 @@ def write_shapesworld(root,                         # folder to write into (crea
                     ("workers", workers)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     render(Scene(), size); vit_side(size, vit_size)                # validate size, vit_size and weights before writing anything
-    weights = check_mix_weights(weights); check_tag_weights(t2i_tag_weights)
+    weights = check_mix_weights(weights); check_tag_weights(t2i_tag_weights); check_share(vlm_caption_share, "vlm_caption_share")
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     if (taken := [p for p in _OWNED if (root / p).exists()]) and not overwrite:
         raise FileExistsError(f"{root} already holds {taken}: pass overwrite=True to replace them, or write elsewhere")
@@ -704,7 +722,7 @@ def write_shapesworld(root,                         # folder to write into (crea
         edit = _write_parquet(stage / "editing", "edit", seed, size, n_edit, rows_per_file, row_group_size, run)
         info = {f"{base}editing/{f}": {"num_row_groups": pq.ParquetFile(stage / "editing" / f).metadata.num_row_groups} for f in edit}
         (stage / "editing" / "parquet_info.json").write_text(json.dumps(info, indent=1))
-        _write_vlm(stage / "vlm", n_vlm, seed, size, "shapesworld_vlm.jsonl", run)
+        _write_vlm(stage / "vlm", n_vlm, seed, size, "shapesworld_vlm.jsonl", run, caption_share=vlm_caption_share)
         registry = {"t2i_pretrain": {"shapesworld": {"data_dir": f"{base}t2i", "num_files": len(t2i), "num_total_samples": n_t2i}},
                     "unified_edit": {"shapesworld": {"data_dir": f"{base}editing", "parquet_info_path": f"{base}editing/parquet_info.json",
                                                      "num_files": len(edit), "num_total_samples": n_edit}},
