@@ -570,7 +570,7 @@ def vqa_sample(rng, n_turns: int | None = None) -> dict:  # -> {'scene', 'qa': [
 
 CAPTION_REQUESTS = ("Describe the image.", "Write a caption for this image.", "What does this image show?")
 
-def caption_sample(rng) -> dict:  # -> {'scene', 'caption', 'conversations'}
+def caption_sample(rng) -> dict:  # -> {'scene', 'spec', 'caption', 'conversations'}
     "A T2I scene and a captioning turn in the VLM JSONL shape: the answer is one of its prompts or its full description."
     rng = _as_rng(rng)
     s = t2i_sample(rng)

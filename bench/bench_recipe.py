@@ -9,7 +9,7 @@ slower of the two. `--profile` adds a torch.profiler table of the step (top ops 
     python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --tokens 16384          # smaller packs
     python -m bench.bench_recipe --config configs/shapesworld_cpu.yaml --workers 0 --steps 2  # CPU smoke run
 """
-import argparse, itertools, os, tempfile, time
+import argparse, itertools, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,7 +87,7 @@ def main(argv=None):
     from bagel.recipe import RecipeConfig, make_data
     from bagel.testing import write_tiny_tokenizer
     from bench.common import RESULTS, report
-    from bagel.distributed import init_distributed
+    from bagel.distributed import init_distributed, is_dist
     _, world = init_distributed()        # under torchrun (e.g. one process and FULL_SHARD: FSDP2's bf16 parameters)
     cfg = RecipeConfig.from_yaml(a.config, a.overrides)
     workers = cfg.num_workers if a.workers is None else a.workers
@@ -103,7 +103,8 @@ def main(argv=None):
     s = step_time(cfg, packs[:8], a.steps, a.profile, not a.no_sort)
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
-    row = [" ".join([a.config.name, *a.overrides, *([f"(torchrun, {world} process(es))"] if world > 1 or "RANK" in os.environ else [])]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
+    launch = [f"(torchrun, {world} process{'es' * (world > 1)})"] if is_dist() else []
+    row = [" ".join([a.config.name, *a.overrides, *launch]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]
     report("ShapesWorld recipe: data pipeline vs device step", COLUMNS, [row],
