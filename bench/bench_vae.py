@@ -9,6 +9,8 @@ ceiling bounds what the T2I and edit scores can show. Appends one table to RESUL
     python -m bench.bench_vae --steps 2000 --vae-ch 32 64 --save vaes/      # two widths; keep each VAE for `vae_weights:`
     python -m bench.bench_vae --config configs/shapesworld_cpu.yaml --steps 250 --n 24          # CPU
     python -m bench.bench_vae --weights assets/shapesworld_vae_64px.safetensors --n 600         # a trained VAE, per category
+    python -m bench.bench_vae --weights assets/shapesworld_vae_64px.safetensors --set size=96   # the same VAE on 96 px renders
+    python -m bench.bench_vae --init assets/shapesworld_vae_64px.safetensors --lr 3e-4 --steps 100 --set size=96 --save DIR
 
 `--weights` trains nothing: it scores a saved VAE per category of the benchmark's tasks, each with that task's own
 judge (a T2I prompt's spec on the round-tripped render of its held-out scene; an edit's check on the round-tripped
@@ -21,12 +23,23 @@ import torch
 
 COLUMNS = ["config", "VAE width (ch)", "VAE steps", "batch", "seconds", "recon MSE (last 10 steps)", "held-out scenes", "read exactly"]
 
-def bench(cfg, steps: int, batch_size: int, n: int, save: Path | None = None) -> list:
+def finetune(cfg, init: Path, steps: int, batch_size: int, lr: float | None = None) -> tuple:  # -> (VAE, history)
+    "A saved VAE trained `steps` more on the config's renders (its `size`), one-cycle to `lr` (default: the trainer's)."
+    from bagel.recipe import _load_vae
+    from bagel.vae_train import VAETrainConfig, train_vae
+    vae = _load_vae(cfg, init.parent, name=init.name).train()
+    kw = {} if lr is None else {"lr": lr}
+    hist = train_vae(vae, VAETrainConfig(steps=steps, batch_size=batch_size, image_size=cfg.size, seed=cfg.seed, **kw), log=None)
+    return vae.eval(), hist
+
+def bench(cfg, steps: int, batch_size: int, n: int, save: Path | None = None,
+          init: Path | None = None, lr: float | None = None) -> list:   # init: fine-tune that VAE instead of a fresh one
     from bagel.checkpoint import save_file_atomic
     from bagel.recipe import train_recipe_vae, vae_ceiling
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     t0 = time.perf_counter()
-    vae, hist = train_recipe_vae(cfg, steps, batch_size, log=None)
+    if init is None and lr is not None: raise SystemExit("--lr applies to --init (a fresh VAE trains at the recipe's rate)")
+    vae, hist = train_recipe_vae(cfg, steps, batch_size, log=None) if init is None else finetune(cfg, init, steps, batch_size, lr)
     sync(); secs = time.perf_counter() - t0
     recon = sum(r for _, r, _ in hist[-10:]) / len(hist[-10:])
     if save:                                  # usable as the recipe's `vae_weights:` (same `model: vae:` config)
@@ -66,15 +79,21 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=None, help="held-out scenes judged (default: the config's bench_n)")
     ap.add_argument("--weights", type=Path, default=None,
                     help="score this saved VAE (the recipe's VAE config) per task category instead of training any")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="fine-tune this saved VAE (bench_vae --save, or the recipe's vae_weights) instead of a fresh one")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate with --init (default: the trainer's 2e-3)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="recipe config override, as `bagel demo --set` (e.g. size=96: the scenes rendered at 96 px)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
-    cfg = RecipeConfig.from_yaml(a.config)
+    cfg = RecipeConfig.from_yaml(a.config, a.overrides)
+    name = " ".join([a.config.name, *a.overrides, *([f"from {a.init.name}" + (f" at lr {a.lr:g}" if a.lr else "")] if a.init else [])])
     bs, n = a.batch_size or cfg.vae_batch_size, a.n or cfg.bench_n
     if a.weights:
         from bagel.recipe import _load_vae
         if not a.weights.is_file(): raise FileNotFoundError(f"no VAE file at {a.weights}: pass a .safetensors that bench_vae --save wrote")
         rows = task_ceilings(cfg, _load_vae(cfg, a.weights.parent, name=a.weights.name), n)
-        report(f"ShapesWorld VAE round trip per task category ({a.weights.name}, {a.config.name})",
+        report(f"ShapesWorld VAE round trip per task category ({a.weights.name}, {name})",
                ["task", "category", "held-out items", "accepted by its judge"], rows,
                notes="Each held-out T2I item's scene and each edit's target is rendered, encoded and decoded (mean latent), "
                      "and judged as a generated image would be: the ceiling a perfect generator reaches through this decoder.",
@@ -84,10 +103,11 @@ def main(argv=None):
     for ch in a.vae_ch or [cfg.model_config().vae.ch]:
         c = dataclasses.replace(cfg, model={**cfg.model, "vae": {**cfg.model.get("vae", {}), "ch": ch}})
         for s in a.steps or [cfg.vae_steps]:
-            rows.append([a.config.name] + bench(c, s, bs, n, a.save))
+            rows.append([name] + bench(c, s, bs, n, a.save, a.init, a.lr))
             print(rows[-1], flush=True)
     report("ShapesWorld VAE: training steps against the judge's round-trip ceiling", ["config"] + COLUMNS[1:], rows,
-           notes="Each row trains a fresh VAE (one-cycle schedule over its steps, seeded as the recipe) and encodes -> "
+           notes=("Each row fine-tunes the `--init` VAE at the config's size" if a.init else "Each row trains a fresh VAE") +
+                 " (one-cycle schedule over its steps, seeded as the recipe) and encodes -> "
                  "decodes held-out renders; `read exactly`: the share the judge reads with every object and the background "
                  "right (bagel.recipe.vae_ceiling), a ceiling on the T2I and edit scores of a model using this VAE.",
            results=a.results or RESULTS)
