@@ -106,11 +106,10 @@ class RecipeConfig:
         return cls(**d, train=train)
 
     def model_config(self) -> BagelConfig:
-        "BagelConfig.shapesworld() at `vit_size` (if set), with the `model:` overrides applied."
+        "BagelConfig.shapesworld() with its ViT at the side the data gives it (vit_side), and the `model:` overrides applied."
         base, d = BagelConfig.shapesworld(), dict(self.model)
-        if self.vit_size is not None:      # the ViT's image size and position table follow the side it is trained at
-            side = vit_side(self.size, self.vit_size)
-            base = replace(base, vit=replace(base.vit, image_size=side), vit_max_num_patch_per_side=side // base.vit.patch_size)
+        side = vit_side(self.size, self.vit_size)   # the ViT's image size and position table follow the side it is trained at
+        base = replace(base, vit=replace(base.vit, image_size=side), vit_max_num_patch_per_side=side // base.vit.patch_size)
         try:
             subs = {k: replace(getattr(base, k), **{f: tuple(v) if isinstance(v, list) else v      # YAML lists: tuples
                                                     for f, v in (d.pop(k, None) or {}).items()})
