@@ -124,14 +124,17 @@ class RecipeConfig:
         return TrainConfig.from_dict({**self.train, "results_dir": str(out / "run"), "checkpoint_dir": str(out / "run" / "checkpoints")})
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #cb403255
-def train_recipe_vae(cfg: RecipeConfig, steps: int | None = None, batch_size: int | None = None, log=print) -> tuple:
-    "(VAE, history of (step, recon, kl)): a fresh, seeded recipe VAE trained on renders (default: `vae_steps` at `vae_batch_size`) on this rank's device."
+def train_recipe_vae(cfg: RecipeConfig, steps: int | None = None, batch_size: int | None = None, log=print,
+                     init=None,                     # an AutoEncoder to train further (e.g. at another `size`); None: a fresh, seeded one
+                     lr: float | None = None) -> tuple:  # peak learning rate (None: the trainer's)
+    "(VAE, history of (step, recon, kl)): a recipe VAE trained on renders (default: `vae_steps` at `vae_batch_size`) on this rank's device."
     from bagel.vae import AutoEncoder
     from bagel.vae_train import VAETrainConfig, train_vae
-    torch.manual_seed(cfg.seed)
-    vae = AutoEncoder(cfg.model_config().vae)
+    if init is None: torch.manual_seed(cfg.seed)
+    vae = AutoEncoder(cfg.model_config().vae) if init is None else init
     hist = train_vae(vae, VAETrainConfig(steps=steps or cfg.vae_steps, batch_size=batch_size or cfg.vae_batch_size,
-                                         image_size=cfg.size, seed=cfg.seed), log=log, device=_device())
+                                         image_size=cfg.size, seed=cfg.seed, **({} if lr is None else {"lr": lr})),
+                     log=log, device=_device())
     return vae.eval(), hist
 
 def _load_vae(cfg: RecipeConfig, base: Path, name: str | None = None, device: str | None = None):

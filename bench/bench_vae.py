@@ -23,23 +23,15 @@ import torch
 
 COLUMNS = ["config", "VAE width (ch)", "VAE steps", "batch", "seconds", "recon MSE (last 10 steps)", "held-out scenes", "read exactly"]
 
-def finetune(cfg, init: Path, steps: int, batch_size: int, lr: float | None = None) -> tuple:  # -> (VAE, history)
-    "A saved VAE trained `steps` more on the config's renders (its `size`), one-cycle to `lr` (default: the trainer's)."
-    from bagel.recipe import _load_vae
-    from bagel.vae_train import VAETrainConfig, train_vae
-    vae = _load_vae(cfg, init.parent, name=init.name).train()
-    kw = {} if lr is None else {"lr": lr}
-    hist = train_vae(vae, VAETrainConfig(steps=steps, batch_size=batch_size, image_size=cfg.size, seed=cfg.seed, **kw), log=None)
-    return vae.eval(), hist
-
 def bench(cfg, steps: int, batch_size: int, n: int, save: Path | None = None,
           init: Path | None = None, lr: float | None = None) -> list:   # init: fine-tune that VAE instead of a fresh one
     from bagel.checkpoint import save_file_atomic
-    from bagel.recipe import train_recipe_vae, vae_ceiling
+    from bagel.recipe import _load_vae, train_recipe_vae, vae_ceiling
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     t0 = time.perf_counter()
     if init is None and lr is not None: raise SystemExit("--lr applies to --init (a fresh VAE trains at the recipe's rate)")
-    vae, hist = train_recipe_vae(cfg, steps, batch_size, log=None) if init is None else finetune(cfg, init, steps, batch_size, lr)
+    start = _load_vae(cfg, init.parent, name=init.name) if init else None
+    vae, hist = train_recipe_vae(cfg, steps, batch_size, log=None, init=start, lr=lr)
     sync(); secs = time.perf_counter() - t0
     recon = sum(r for _, r, _ in hist[-10:]) / len(hist[-10:])
     if save:                                  # usable as the recipe's `vae_weights:` (same `model: vae:` config)
