@@ -15,12 +15,13 @@ from PIL import Image, ImageDraw
 
 # %% auto #0
 __all__ = ['SHAPES', 'UNKNOWN', 'COLORS', 'BACKGROUNDS', 'SIZES', 'CELLS', 'RELATIONS', 'MIN_SHAPE_IOU', 'TAGS', 'NUMBERS',
-           'EDIT_OPS', 'QUESTION_TYPES', 'CAPTION_REQUESTS', 'HELDOUT_KINDS', 'Obj', 'Scene', 'random_obj',
-           'random_scene', 'render', 'png_bytes', 'parse', 'parse_background', 'draw_parse', 'judge_agrees', 'degrade',
-           'holds', 'describe', 'check_tag_weights', 't2i_sample', 'scene_spec', 'check_t2i_spec', 'spec_holds',
-           'score_t2i', 'refer', 'apply_edit', 'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask',
-           'vqa_sample', 'caption_sample', 'check_share', 'score_vqa', 't2i_row', 'edit_row', 'check_mix_weights',
-           'vit_side', 'mix_config', 'write_shapesworld', 'heldout']
+           'T2I_FAILURES', 'EDIT_OPS', 'QUESTION_TYPES', 'CAPTION_REQUESTS', 'HELDOUT_KINDS', 'Obj', 'Scene',
+           'random_obj', 'random_scene', 'render', 'png_bytes', 'parse', 'parse_background', 'draw_parse',
+           'judge_agrees', 'degrade', 'holds', 'describe', 'check_tag_weights', 't2i_sample', 'scene_spec',
+           'check_t2i_spec', 'spec_failure', 'spec_holds', 't2i_failure', 'score_t2i', 'refer', 'apply_edit',
+           'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample', 'caption_sample',
+           'check_share', 'score_vqa', 't2i_row', 'edit_row', 'check_mix_weights', 'vit_side', 'mix_config',
+           'write_shapesworld', 'heldout']
 
 # %% ../nbs/21_shapesworld.ipynb #658d4b9f
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -387,21 +388,42 @@ def check_t2i_spec(spec) -> dict:
 
 def _matches(o: Obj, r: dict) -> bool: return all(getattr(o, a) == r[a] for a in _ATTRS if a in r)
 
-def spec_holds(spec: dict, objects) -> bool:
-    "Whether a list of objects satisfies a T2I spec (GenEval rules; background not checked)."
+T2I_FAILURES = ("wrong_color", "wrong_shape", "unreadable", "wrong_size", "wrong_cell", "too_few", "missing", "relation",
+                "too_many", "background")   # the reasons t2i_failure names, roughly from "drew it, got one attribute wrong" down
+
+def _shortfall(r: dict, objects, found: list, used: list) -> str:
+    "Why fewer than `count` objects match `r`: the one attribute its near misses (not `used` by earlier requirements) get wrong, else too few, else none."
+    for a in ("color", "shape", "size", "cell"):
+        if a not in r: continue
+        near = [o for o in objects if not _matches(o, r) and _matches(o, {k: v for k, v in r.items() if k != a})
+                and not any(o is u for u in used)]
+        if len(found) + len(near) >= r.get("count", 1):
+            return "unreadable" if a == "shape" and any(o.shape == UNKNOWN for o in near) else f"wrong_{a}"
+    return "too_few" if found else "missing"
+
+def spec_failure(spec: dict, objects) -> str | None:
+    "Why a list of objects fails a T2I spec (one of T2I_FAILURES: the first rule broken, in the judge's order), or None if it holds."
     groups = []
     for r in check_t2i_spec(spec)["include"]:
         found = [o for o in objects if _matches(o, r)]
-        if len(found) < r.get("count", 1): return False
-        if "position" in r and not all(holds(r["position"][0], a, b) for a in found for b in groups[r["position"][1]]): return False
+        if len(found) < r.get("count", 1): return _shortfall(r, objects, found, [o for g in groups for o in g])
+        if "position" in r and not all(holds(r["position"][0], a, b) for a in found for b in groups[r["position"][1]]): return "relation"
         groups.append(found)
-    return not any(sum(_matches(o, r) for o in objects) >= r.get("count", 1) for r in spec.get("exclude", []))
+    return "too_many" if any(sum(_matches(o, r) for o in objects) >= r.get("count", 1) for r in spec.get("exclude", [])) else None
+
+def spec_holds(spec: dict, objects) -> bool:
+    "Whether a list of objects satisfies a T2I spec (GenEval rules; background not checked)."
+    return spec_failure(spec, objects) is None
+
+def t2i_failure(prompt_spec: dict, image: Image.Image) -> str | None:
+    "Why the judge rejects `image` for the prompt spec (one of T2I_FAILURES), or None when it passes: score_t2i's reason."
+    check_t2i_spec(prompt_spec)
+    bg, objs = _parse(image)
+    return spec_failure(prompt_spec, objs) or (None if prompt_spec.get("background", bg) == bg else "background")
 
 def score_t2i(prompt_spec: dict, image: Image.Image) -> bool:
     "GenEval-style verdict: does the image show what the prompt spec asks (and nothing that contradicts it)?"
-    check_t2i_spec(prompt_spec)
-    bg, objs = _parse(image)
-    return spec_holds(prompt_spec, objs) and prompt_spec.get("background", bg) == bg
+    return t2i_failure(prompt_spec, image) is None
 
 # %% ../nbs/21_shapesworld.ipynb #f82b04d4
 EDIT_OPS = ("recolor", "move", "add", "remove", "resize", "swap")
