@@ -330,7 +330,7 @@ def evaluate_step_cache(cfg: RecipeConfig, model,  # model: an Inferencer or the
 
 def samples(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the exported model dir
     "A few pictures for the report: T2I prompts, an edit, an answer (held-out, judged)."
-    from bagel.shapesworld import heldout, render, score_edit, score_t2i, score_vqa
+    from bagel.shapesworld import heldout, render, score_edit, score_vqa, t2i_failure
     inf = _inferencer(model, cfg)
     out, g = Path(cfg.out), torch.Generator().manual_seed(cfg.seed)
     t2i = list(heldout(4, "t2i", seed=cfg.seed + 1))
@@ -338,16 +338,17 @@ def samples(cfg: RecipeConfig, model) -> dict:  # model: an Inferencer or the ex
                          generator=g, progress=False)
     rows = []
     for i, (x, im) in enumerate(zip(t2i, imgs)):
-        im.save(out / f"t2i_{i}.png"); rows.append(("t2i", x["prompt"], f"t2i_{i}.png", score_t2i(x["spec"], im)))
+        why = t2i_failure(x["spec"], im)      # None when the judge passes it
+        im.save(out / f"t2i_{i}.png"); rows.append(("t2i", x["prompt"], f"t2i_{i}.png", why is None, why))
     e = next(iter(heldout(1, "edit", seed=cfg.seed + 1)))
     src = render(e["source"], cfg.size); src.save(out / "edit_source.png")
     ed = inf.gen_image(e["instruction"], images=[src], num_timesteps=cfg.num_timesteps, timestep_shift=cfg.timestep_shift, cfg_img_scale=2.0,
                        cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", generator=g, progress=False)[0]
-    ed.save(out / "edit.png"); rows.append(("edit", e["instruction"], "edit.png", score_edit(e["source"], e["spec"], ed)))
+    ed.save(out / "edit.png"); rows.append(("edit", e["instruction"], "edit.png", score_edit(e["source"], e["spec"], ed), None))
     q = next(iter(heldout(1, "vqa", seed=cfg.seed + 1)))
     qi = render(q["scene"], cfg.size); qi.save(out / "vqa.png")
     ans = inf.understand(qi, q["question"], max_length=16)[0]
-    rows.append(("vqa", f"{q['question']} -> {ans!r} (truth: {q['answer']})", "vqa.png", score_vqa(q["spec"], ans)))
+    rows.append(("vqa", f"{q['question']} -> {ans!r} (truth: {q['answer']})", "vqa.png", score_vqa(q["spec"], ans), None))
     return {"rows": rows}
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #f01b1282
@@ -398,7 +399,7 @@ def _write_report(out: Path, r: dict):
                   f"{c['speedup_wall']:.2f}x faster, PSNR {c['psnr_mean']:.1f} dB against the uncached image", "",
                   "| task | accuracy | with the step cache |", "|---|---|---|"]
         lines += [f"| {k} | {m[k]:.3f} | {v:.3f} |" for k, v in sorted(c["metrics"].items()) if k in m and k != "overall"]
-    lines += ["", "## Samples (held-out; judged)", ""] + [f"- {kind}: {text} — ![]({img}) — judge: {'✓' if ok else '✗'}"
-                                                     for kind, text, img, ok in r["samples"]]
+    lines += ["", "## Samples (held-out; judged)", ""] + [f"- {kind}: {text} — ![]({img}) — judge: {'✓' if ok else '✗'}" + (f" ({why})" if why else "")
+                                                     for kind, text, img, ok, why in r["samples"]]
     for name, text in [("report.md", "\n".join(lines) + "\n"), ("report.json", json.dumps(r, indent=2, default=str))]:
         tmp = out / (name + ".tmp"); tmp.write_text(text); tmp.replace(out / name)
