@@ -391,12 +391,13 @@ def _matches(o: Obj, r: dict) -> bool: return all(getattr(o, a) == r[a] for a in
 T2I_FAILURES = ("wrong_color", "wrong_shape", "unreadable", "wrong_size", "wrong_cell", "too_few", "missing", "relation",
                 "too_many", "background")   # the reasons t2i_failure names, roughly from "drew it, got one attribute wrong" down
 
-def _shortfall(r: dict, objects, found: list, used: list) -> str:
-    "Why fewer than `count` objects match `r`: the one attribute its near misses (not `used` by earlier requirements) get wrong, else too few, else none."
+def _shortfall(r: dict, objects, found: list, used: set) -> str:
+    "Why fewer than `count` objects match `r`: the one attribute its near misses (ids not in `used` by earlier requirements) get wrong, else too few, else none."
+    free = [o for o in objects if id(o) not in used and not _matches(o, r)]
     for a in ("color", "shape", "size", "cell"):
         if a not in r: continue
-        near = [o for o in objects if not _matches(o, r) and _matches(o, {k: v for k, v in r.items() if k != a})
-                and not any(o is u for u in used)]
+        loose = {k: v for k, v in r.items() if k != a}
+        near = [o for o in free if _matches(o, loose)]
         if len(found) + len(near) >= r.get("count", 1):
             return "unreadable" if a == "shape" and any(o.shape == UNKNOWN for o in near) else f"wrong_{a}"
     return "too_few" if found else "missing"
@@ -406,7 +407,7 @@ def spec_failure(spec: dict, objects) -> str | None:
     groups = []
     for r in check_t2i_spec(spec)["include"]:
         found = [o for o in objects if _matches(o, r)]
-        if len(found) < r.get("count", 1): return _shortfall(r, objects, found, [o for g in groups for o in g])
+        if len(found) < r.get("count", 1): return _shortfall(r, objects, found, {id(o) for g in groups for o in g})
         if "position" in r and not all(holds(r["position"][0], a, b) for a in found for b in groups[r["position"][1]]): return "relation"
         groups.append(found)
     return "too_many" if any(sum(_matches(o, r) for o in objects) >= r.get("count", 1) for r in spec.get("exclude", [])) else None

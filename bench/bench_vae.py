@@ -29,7 +29,6 @@ def bench(cfg, steps: int, batch_size: int, n: int, save: Path | None = None,
     from bagel.recipe import _load_vae, train_recipe_vae, vae_ceiling
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     t0 = time.perf_counter()
-    if init is None and lr is not None: raise SystemExit("--lr applies to --init (a fresh VAE trains at the recipe's rate)")
     start = _load_vae(cfg, init.parent, name=init.name) if init else None
     vae, hist = train_recipe_vae(cfg, steps, batch_size, log=None, init=start, lr=lr)
     sync(); secs = time.perf_counter() - t0
@@ -78,6 +77,7 @@ def main(argv=None):
                     help="recipe config override, as `bagel demo --set` (e.g. size=96: the scenes rendered at 96 px)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
+    if a.lr is not None and a.init is None: ap.error("--lr applies to --init (a fresh VAE trains at the recipe's rate)")
     cfg = RecipeConfig.from_yaml(a.config, a.overrides)
     name = " ".join([a.config.name, *a.overrides, *([f"from {a.init.name}" + (f" at lr {a.lr:g}" if a.lr else "")] if a.init else [])])
     bs, n = a.batch_size or cfg.vae_batch_size, a.n or cfg.bench_n

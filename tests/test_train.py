@@ -261,6 +261,9 @@ def test_bench_vae_smoke_on_cpu(tmp_path):
         make_base_dir(replace(good, out=str(tmp_path / "bad"), model={}), log=None)
     with pytest.raises(FileNotFoundError, match="bench_vae --save"):
         make_base_dir(replace(good, out=str(tmp_path / "none"), vae_weights=str(tmp_path / "no.safetensors")), log=None)
+    with pytest.raises(SystemExit):                   # --lr without --init: refused before anything trains
+        main(["--config", str(ROOT / "configs" / "shapesworld_cpu.yaml"), "--lr", "1e-3", "--results", str(tmp_path / "R2.md")])
+    assert not (tmp_path / "R2.md").exists()
 
 def test_bench_vae_task_ceilings_of_the_shipped_vae(tmp_path):
     "bench_vae --weights: per T2I category and edit operation, the share each task's judge accepts after the shipped VAE's round trip."
