@@ -18,7 +18,7 @@ Each call's table row has the run's steps and training seconds so far, and score
     python -m bench.sweep_recipe --config configs/shapesworld_gpu.yaml --out runs/sweep \\
         --run base --run wsd train.lr_scheduler=wsd train.total_steps=3000 --run shift2 train.timestep_shift=2
 """
-import argparse, json, os, subprocess, sys, time
+import argparse, hashlib, json, os, subprocess, sys, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,8 +54,8 @@ def _shared_data(cfg, data_root: Path, made: dict) -> Path:
     "The data folder of this run's data settings, written once for all runs that share them."
     from bagel.recipe import data_settings, make_data
     key = json.dumps(data_settings(cfg), sort_keys=True)
-    if key not in made:
-        made[key] = data_root / f"data{len(made)}"
+    if key not in made:    # named by its settings, so a later call with other runs finds (or makes) the same folder
+        made[key] = data_root / f"data-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         make_data(replace(cfg, out=str(made[key])))
     return made[key] / "shapesworld"
 

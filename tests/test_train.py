@@ -392,6 +392,10 @@ def test_sweep_recipe_runs_side_by_side(tmp_path):
     assert [r[3] for r in again] == [4, 4] and all(b[4] > a[4] for a, b in zip(rows, again))
     assert sorted(p.name for p in (tmp_path / "sweep" / "a" / "bench").iterdir()) == ["step2", "step4"]
     assert (tmp_path / "sweep" / "a" / "log.txt").read_text().count("== call ") == 2   # one log, both calls
+    # a later call may add a run with other data settings: it gets its own data folder, the resumed run keeps its own
+    main(base + ["--run", "a", "train.total_steps=4", "--run", "c", "seed=1"])
+    c = (tmp_path / "sweep" / "c" / "shapesworld").resolve()
+    assert c != links[0].resolve() and json.loads((c / "recipe_data.json").read_text())["seed"] == 1
 
 def test_sweep_recipe_gpu_shares(monkeypatch):
     "sweep_recipe: runs take the visible GPUs in turn; one GPU (or none) leaves the device alone; --gpus limits them."
