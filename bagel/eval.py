@@ -18,7 +18,7 @@ from . import shapesworld as sw
 __all__ = ['RENORM_TYPES', 'KINDS', 'EvalSettings', 'make_settings', 'derive_seed', 'Item', 'Result', 'load_image', 'Benchmark',
            'write_atomic', 'save_image', 'crop_to_content', 'write_json', 'write_jsonl', 'read_done', 'DoneLog',
            'check_record', 'BagelEngine', 'ScriptedEngine', 'run_item', 'run_batch', 'run', 'as_engine',
-           'summary_table', 'score', 'ShapesWorldBench', 'accuracy_table', 't2i_failures', 'main']
+           'summary_table', 'score', 'ShapesWorldBench', 'accuracy_table', 't2i_failures', 't2i_pair_layouts', 'main']
 
 # %% ../nbs/50_eval.ipynb #8aadfb37
 RENORM_TYPES = ("global", "channel", "text_channel")
@@ -465,14 +465,17 @@ def _sw_score(self: ShapesWorldBench, items: list, records: dict, out: Path, jud
     rows, judged = [], []
     for it in items:
         rec, task = records[it.id], it.id.split("/")[0]
-        why = None
+        why, extra = None, {}
         if it.kind == "und": oks = [sw.score_vqa(it.meta["spec"], rec["text"])]
         elif it.kind == "t2i":                       # the judge's reason too: what a failing prompt got wrong
-            why = [sw.t2i_failure(it.meta["spec"], load_image(out / p)) for p in rec["images"]]
+            ims = [load_image(out / p) for p in rec["images"]]
+            why = [sw.t2i_failure(it.meta["spec"], im) for im in ims]
             oks = [w is None for w in why]
+            if it.meta["tag"] in sw.PAIR_LAYOUTS:   # and how a two-shape prompt's pair was drawn, pass or fail
+                extra["layout"] = [sw.pair_layout(it.meta["spec"], sw.parse(im)) for im in ims]
         else: oks = [sw.score_edit(it.meta["source"], it.meta["spec"], load_image(out / p)) for p in rec["images"]]
         rows += [(task, it.meta["tag"], ok) for ok in oks]
-        judged.append({"id": it.id, "category": it.meta["tag"], "correct": oks, **({"why": why} if why is not None else {})})
+        judged.append({"id": it.id, "category": it.meta["tag"], "correct": oks, **({"why": why} if why is not None else {}), **extra})
     write_jsonl(out / "judgements.jsonl", judged)
     write_jsonl(out / "vqa.jsonl", [{"id": it.id, "question": it.prompt, "answer": it.meta["spec"]["answer"],
                                      "prediction": records[it.id]["text"]} for it in items if it.kind == "und"])
@@ -480,15 +483,23 @@ def _sw_score(self: ShapesWorldBench, items: list, records: dict, out: Path, jud
 
 ShapesWorldBench.score = _sw_score
 
-def t2i_failures(out) -> dict:  # out: a scored ShapesWorld-Bench folder -> {prompt kind: {reason: images}}
-    "Why T2I images failed the judge, counted per prompt kind (reasons: bagel.shapesworld.T2I_FAILURES), from judgements.jsonl."
+def _count_judged(out, field: str, order, none: str | None = None) -> dict:  # -> {prompt kind: {value: images}}
+    "Count one per-image field of judgements.jsonl per prompt kind, in `order`; None values count as `none`, or not at all."
     path = Path(out) / "judgements.jsonl"
     if not path.exists(): raise FileNotFoundError(f"{path} does not exist: score the ShapesWorld-Bench run in {out} first")
-    counts = {}
+    counts, order = {}, [*order, none]
     for j in map(json.loads, path.read_text().splitlines()):
-        for w in j.get("why") or []:
-            if w is not None: c = counts.setdefault(j["category"], {}); c[w] = c.get(w, 0) + 1
-    return {k: dict(sorted(v.items(), key=lambda kv: sw.T2I_FAILURES.index(kv[0]))) for k, v in sorted(counts.items())}
+        for w in j.get(field) or []:
+            if (w := w if w is not None else none) is not None: c = counts.setdefault(j["category"], {}); c[w] = c.get(w, 0) + 1
+    return {k: dict(sorted(v.items(), key=lambda kv: order.index(kv[0]))) for k, v in sorted(counts.items())}
+
+def t2i_failures(out) -> dict:  # out: a scored ShapesWorld-Bench folder -> {prompt kind: {reason: images}}
+    "Why T2I images failed the judge, counted per prompt kind (reasons: bagel.shapesworld.T2I_FAILURES), from judgements.jsonl."
+    return _count_judged(out, "why", sw.T2I_FAILURES)
+
+def t2i_pair_layouts(out) -> dict:  # out: a scored ShapesWorld-Bench folder -> {prompt kind: {layout: images}}
+    "How position and colour-attribute prompts' two shapes were drawn (bagel.shapesworld.pair_layout), per kind; `no_pair` unless one of each was seen."
+    return _count_judged(out, "layout", [v for vs in sw.PAIR_LAYOUTS.values() for v in vs], none="no_pair")
 
 # %% ../nbs/50_eval.ipynb #4f2aefcd
 def _parse_set(pairs: list) -> dict:

@@ -368,14 +368,14 @@ def run_shapesworld(cfg: RecipeConfig = RecipeConfig(), log=print) -> dict:
     inf = _inferencer(model_dir, cfg)                                  # loaded once for the three stages below
     tag = f"step{res.step}"      # a call that resumed training scores its new weights, not the last call's done items
     summary = stage("bench", lambda: evaluate(cfg, inf, out / "bench" / tag))
-    from bagel.eval import t2i_failures
-    failures = t2i_failures(out / "bench" / tag)
+    from bagel.eval import t2i_failures, t2i_pair_layouts
+    failures, layouts = t2i_failures(out / "bench" / tag), t2i_pair_layouts(out / "bench" / tag)
     cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, inf, out / "bench_step_cache" / tag)) if cfg.bench_step_cache else None
     pics = stage("samples", lambda: samples(cfg, inf))
     hist = read_metrics(out / "run")
     train_s = sum(h["tokens"] / h["tokens_per_s"] for h in hist if h.get("tokens_per_s"))   # every call's logged steps
     report = {"config": asdict(cfg), "seconds": times, "train_seconds_all_calls": round(train_s, 1), "steps": res.step,
-              "metrics": summary["metrics"], "t2i_failures": failures,
+              "metrics": summary["metrics"], "t2i_failures": failures, "t2i_pair_layouts": layouts,
               "first_log": hist[0] if hist else None, "last_log": hist[-1] if hist else None,
               "samples": pics["rows"], "model_dir": str(model_dir), "step_cache": cached, "vae_ceiling": ceiling}
     _write_report(out, report)
@@ -394,6 +394,10 @@ def _write_report(out: Path, r: dict):
         cols = [w for w in T2I_FAILURES if any(w in v for v in f.values())]
         lines += ["", "| failed T2I images: why | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         lines += [f"| t2i/{k} | " + " | ".join(str(v.get(w, "")) for w in cols) + " |" for k, v in f.items()]
+    if p := r.get("t2i_pair_layouts"):   # how the two named shapes were drawn, pass or fail (bagel.shapesworld.pair_layout)
+        lines += ["", "| two named shapes: how they were drawn | images |", "|---|---|"]
+        lines += [f"| t2i/{k} | " + ", ".join(f"{n} {w}" for w, n in v.items()) + " |" for k, v in p.items()]
+        if "position" in p: lines += ["", "Two shapes in random distinct cells stand as named 3/8, inverse 3/8, aligned 1/4 of the time."]
     if c := r.get("step_cache"):
         lines += ["", f"With the step cache (bagel.stepcache defaults): {c['speedup_forwards']:.2f}x fewer model forwards, "
                   f"{c['speedup_wall']:.2f}x faster, PSNR {c['psnr_mean']:.1f} dB against the uncached image", "",

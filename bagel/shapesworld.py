@@ -15,13 +15,13 @@ from PIL import Image, ImageDraw
 
 # %% auto #0
 __all__ = ['SHAPES', 'UNKNOWN', 'COLORS', 'BACKGROUNDS', 'SIZES', 'CELLS', 'RELATIONS', 'MIN_SHAPE_IOU', 'TAGS', 'NUMBERS',
-           'T2I_FAILURES', 'EDIT_OPS', 'QUESTION_TYPES', 'CAPTION_REQUESTS', 'HELDOUT_KINDS', 'Obj', 'Scene',
-           'random_obj', 'random_scene', 'render', 'png_bytes', 'parse', 'parse_background', 'draw_parse',
+           'T2I_FAILURES', 'PAIR_LAYOUTS', 'EDIT_OPS', 'QUESTION_TYPES', 'CAPTION_REQUESTS', 'HELDOUT_KINDS', 'Obj',
+           'Scene', 'random_obj', 'random_scene', 'render', 'png_bytes', 'parse', 'parse_background', 'draw_parse',
            'judge_agrees', 'degrade', 'holds', 'describe', 'check_tag_weights', 't2i_sample', 'scene_spec',
-           'check_t2i_spec', 'spec_failure', 'spec_holds', 't2i_failure', 'score_t2i', 'refer', 'apply_edit',
-           'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample', 'caption_sample',
-           'check_share', 'score_vqa', 't2i_row', 'edit_row', 'check_mix_weights', 'vit_side', 'mix_config',
-           'write_shapesworld', 'heldout']
+           'check_t2i_spec', 'spec_failure', 'spec_holds', 't2i_failure', 'score_t2i', 'pair_layout', 'refer',
+           'apply_edit', 'random_edit', 'edit_instructions', 'edit_sample', 'score_edit', 'ask', 'vqa_sample',
+           'caption_sample', 'check_share', 'score_vqa', 't2i_row', 'edit_row', 'check_mix_weights', 'vit_side',
+           'mix_config', 'write_shapesworld', 'heldout']
 
 # %% ../nbs/21_shapesworld.ipynb #658d4b9f
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -425,6 +425,27 @@ def t2i_failure(prompt_spec: dict, image: Image.Image) -> str | None:
 def score_t2i(prompt_spec: dict, image: Image.Image) -> bool:
     "GenEval-style verdict: does the image show what the prompt spec asks (and nothing that contradicts it)?"
     return t2i_failure(prompt_spec, image) is None
+
+# %% ../nbs/21_shapesworld.ipynb #aa805196
+PAIR_LAYOUTS = {"position": ("as_named", "inverse", "aligned"), "color_attr": ("bound", "swapped", "mixed")}
+
+def pair_layout(spec: dict,   # a T2I spec of t2i_sample (its 'tag' says the prompt kind)
+                objects,      # what the judge saw (parse) or a scene's objects
+               ) -> str | None:  # one of PAIR_LAYOUTS[tag], or None
+    "How a position or colour-attribute prompt's two shapes were drawn; None for other kinds, or unless exactly one of each shape is seen."
+    tag = check_t2i_spec(spec).get("tag")
+    if tag not in PAIR_LAYOUTS: return None
+    if len(spec["include"]) != 2: raise ValueError(f"a {tag} spec names two shapes, got {len(spec['include'])} requirements")
+    first, second = spec["include"]
+    one = lambda shape: [o for o in objects if o.shape == shape]
+    a, b = one(second["shape"]), one(first["shape"])
+    if len(a) != 1 or len(b) != 1: return None
+    (a,), (b,) = a, b
+    if tag == "position":
+        rel = second["position"][0]
+        return "as_named" if holds(rel, a, b) else "inverse" if holds(_INVERSE[rel], a, b) else "aligned"
+    if (a.color, b.color) == (second["color"], first["color"]): return "bound"
+    return "swapped" if (a.color, b.color) == (first["color"], second["color"]) else "mixed"
 
 # %% ../nbs/21_shapesworld.ipynb #f82b04d4
 EDIT_OPS = ("recolor", "move", "add", "remove", "resize", "swap")
