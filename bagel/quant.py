@@ -75,6 +75,7 @@ def quantized_linear(weight: torch.Tensor,       # [o, i]
     if mode == "nf4":
         m = bnb.nn.Linear4bit(i, o, bias=bias is not None, compute_dtype=compute_dtype, compress_statistics=double_quant,
                               quant_type="nf4", quant_storage=compute_dtype, device="meta")
+        m.support_avx512bf16_for_cpu = False   # bitsandbytes 0.50's CPU repack: errors off multiples of 64, wrong outputs (text)
         m.weight = _nf4(w, m, device, double_quant)
     else:
         m = bnb.nn.Linear8bitLt(i, o, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta")
