@@ -490,7 +490,9 @@ def _count_judged(out, field: str, order, none: str | None = None) -> dict:  # -
     counts, order = {}, [*order, none]
     for j in map(json.loads, path.read_text().splitlines()):
         for w in j.get(field) or []:
-            if (w := w if w is not None else none) is not None: c = counts.setdefault(j["category"], {}); c[w] = c.get(w, 0) + 1
+            w = none if w is None else w
+            if w is None: continue
+            c = counts.setdefault(j["category"], {}); c[w] = c.get(w, 0) + 1
     return {k: dict(sorted(v.items(), key=lambda kv: order.index(kv[0]))) for k, v in sorted(counts.items())}
 
 def t2i_failures(out) -> dict:  # out: a scored ShapesWorld-Bench folder -> {prompt kind: {reason: images}}
