@@ -52,3 +52,25 @@ def test_bench_kernels_main_with_fake_timings(tmp_path, monkeypatch):
     assert "T2I 1024²" in text and "**7.37 s**" in text                 # 6.87 s of kernels + the 0.5 s decode
     assert "| linear square (reference) | 16384 x 16384 -> 16384 | 11.13 | 790 |" in text    # not in the floor
     assert "nvidia-smi (clocks): 1980 MHz" in text
+
+def test_probe_binding_reads_and_judges_grids(tmp_path):
+    "bench/probe_binding.py: token grids round-trip through a latent, the true grids pass as named / bound, swapped colours read as swapped, and a 2-step run writes its table row."
+    import random
+    from dataclasses import replace
+    import torch
+    from bagel.vae import patchify_latent
+    from bench.probe_binding import World, item, judge, latent, main
+    w, rng = World(64), random.Random(0)
+    t = torch.randn(9, 64)
+    assert torch.equal(patchify_latent(latent(t, 2), 2), t)                    # cell i is token i of the model's grid
+    for kind, want in (("color_attr", "bound"), ("position", "as_named")):
+        its = [item(rng, kind, w) for _ in range(20)]
+        assert judge(its, [it["tokens"] for it in its], w) == {"items": 20, "pass": 20, "two": 20, "layouts": {want: 20}}
+    its = [item(rng, "color_attr", w) for _ in range(10)]
+    def swapped(x):
+        a, b = w.read(x)
+        return w.tokens([replace(a, color=b.color), replace(b, color=a.color)])
+    assert judge(its, [swapped(it["tokens"]) for it in its], w) == {"items": 10, "pass": 0, "two": 10, "layouts": {"swapped": 10}}
+    assert judge(its[:1], [torch.zeros(9, 64)], w)["layouts"] == {"no_pair": 1}    # nothing drawn
+    rows = main(["--steps", "2", "--per-pack", "4", "--eval-n", "2", "--cfg", "1", "--results", str(tmp_path / "R.md")])
+    assert rows[0][:3] == ["color_attr", 1.0, 2] and rows[0][7] == 2 and "Binding probe" in (tmp_path / "R.md").read_text()
