@@ -24,8 +24,10 @@ class World:
         from bagel import shapesworld as sw
         self.shapes, self.colors, self.dim = list(sw.SHAPES), list(sw.COLORS), dim
         g = torch.Generator().manual_seed(seed)
-        unit = lambda n: (lambda x: x / x.norm(dim=1, keepdim=True) * norm)(torch.randn(n, dim, generator=g))
-        self.code_s, self.code_c = unit(len(self.shapes)), unit(len(self.colors))
+        def codes(n: int) -> torch.Tensor:   # n random directions of length `norm`
+            x = torch.randn(n, dim, generator=g)
+            return x / x.norm(dim=1, keepdim=True) * norm
+        self.code_s, self.code_c = codes(len(self.shapes)), codes(len(self.colors))
         self.table = torch.cat([torch.zeros(1, dim), (self.code_s[:, None] + self.code_c[None]).reshape(-1, dim)])  # 0: empty
 
     def tokens(self, objects) -> torch.Tensor:  # ShapesWorld objects -> [9, dim], cells in reading order
