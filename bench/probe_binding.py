@@ -42,10 +42,6 @@ class World:
         n = len(self.colors)
         return [sw.Obj(self.shapes[(j - 1) // n], self.colors[(j - 1) % n], "large", sw.CELLS[i]) for i, j in enumerate(k) if j]
 
-def latent(tokens: torch.Tensor, p: int) -> torch.Tensor:  # [9, p*p*C] tokens (dy, dx, channel) -> latent [C, 3p, 3p]
-    C = tokens.shape[1] // (p * p)
-    return tokens.view(3, 3, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, 3 * p, 3 * p)
-
 class Vocab:
     "Word ids for the prompts, above the model's special tokens."
     def __init__(self, size: int, first: int = 10): self.ids, self.size, self.first = {}, size, first
@@ -62,11 +58,13 @@ def item(rng: random.Random, kind: str, world: World) -> dict:
 def make_pack(rng, kind: str, n: int, world: World, vocab: Vocab, bcfg, pc):
     "One packed batch of n T2I samples, its latents set directly (no VAE encode)."
     from bagel.packing import PlanItem, Sample, pack_samples
+    from bagel.vae import unpatchify_latent
     side = 3 * bcfg.latent_downsample
     its = [item(rng, kind, world) for _ in range(n)]
     b = pack_samples([Sample([PlanItem("text", ids=vocab(it["prompt"]), enable_cfg=True),
                               PlanItem("vae_image", image=torch.zeros(3, side, side), loss=True)], "probe") for it in its], pc)
-    return replace(b, padded_latent=torch.stack([latent(it["tokens"], bcfg.latent_patch_size) for it in its]))
+    p, C = bcfg.latent_patch_size, bcfg.vae.z_channels          # cell i is token i of the 3 x 3 latent grid
+    return replace(b, padded_latent=unpatchify_latent(torch.stack([it["tokens"] for it in its]), 3, 3, p, C))
 
 def judge(items: list, sampled: list, world: World) -> dict:
     "Pass rate, two-object reads and pair layouts of sampled token grids, by the ShapesWorld judge."

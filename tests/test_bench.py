@@ -54,15 +54,19 @@ def test_bench_kernels_main_with_fake_timings(tmp_path, monkeypatch):
     assert "nvidia-smi (clocks): 1980 MHz" in text
 
 def test_probe_binding_reads_and_judges_grids(tmp_path):
-    "bench/probe_binding.py: token grids round-trip through a latent, the true grids pass as named / bound, swapped colours read as swapped, and a 2-step run writes its table row."
+    "bench/probe_binding.py: a pack carries each item's grid, the true grids pass as named / bound, swapped colours read as swapped, and a 2-step run writes its table row."
     import random
     from dataclasses import replace
     import torch
+    from bagel.model import BagelConfig
+    from bagel.packing import PackConfig
     from bagel.vae import patchify_latent
-    from bench.probe_binding import World, item, judge, latent, main
+    from bench.probe_binding import Vocab, World, item, judge, main, make_pack
     w, rng = World(64), random.Random(0)
-    t = torch.randn(9, 64)
-    assert torch.equal(patchify_latent(latent(t, 2), 2), t)                    # cell i is token i of the model's grid
+    bc = BagelConfig.shapesworld()                     # a pack's latents hold each item's grid, cell i at token i
+    pack = make_pack(random.Random(5), "color_attr", 3, w, Vocab(512), bc, PackConfig.from_model(bc))
+    r = random.Random(5)
+    assert torch.equal(patchify_latent(pack.padded_latent, 2), torch.stack([item(r, "color_attr", w)["tokens"] for _ in range(3)]))
     for kind, want in (("color_attr", "bound"), ("position", "as_named")):
         its = [item(rng, kind, w) for _ in range(20)]
         assert judge(its, [it["tokens"] for it in its], w) == {"items": 20, "pass": 20, "two": 20, "layouts": {want: 20}}
