@@ -6,6 +6,10 @@ training run fixes the weights; this shows how much of a score is the sampler's.
 
     python -m bench.bench_sampling --config configs/shapesworld_gpu.yaml --cfg-text-scale 2 4 7 --timestep-shift 1 3
     python -m bench.bench_sampling --config configs/shapesworld_cpu.yaml --tasks t2i --n 24 --num-timesteps 10 30
+    python -m bench.bench_sampling --model-dir runs/sweep/NAME/model --set size=96 --timestep-shift 1 4   # a sweep's run
+
+A run trained with `--set` overrides (`bagel demo`, `sweep_recipe`) is scored with the same `--set`s: the image size,
+ViT side and bench seed come from the config.
 """
 import argparse, itertools, shutil, tempfile, time
 from pathlib import Path
@@ -24,9 +28,11 @@ def main(argv=None):
     ap.add_argument("--cfg-text-scale", type=float, nargs="+", default=None, help="default: the config's")
     ap.add_argument("--timestep-shift", type=float, nargs="+", default=None, help="default: the config's")
     ap.add_argument("--num-timesteps", type=int, nargs="+", default=None, help="default: the config's")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override the run was trained with, as given to `bagel demo --set` (e.g. size=96)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
-    cfg = RecipeConfig.from_yaml(a.config)
+    cfg = RecipeConfig.from_yaml(a.config, a.set)
     model_dir = a.model_dir or Path(cfg.out) / "model"
     if not (model_dir / "llm_config.json").exists():
         raise FileNotFoundError(f"no exported model at {model_dir}: run `bagel demo --config {a.config}` first, "

@@ -1,5 +1,5 @@
 """bench/: the arithmetic of the benchmarks that run only on a GPU (their timings are never asserted)."""
-import sys
+import json, sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +78,25 @@ def test_probe_binding_reads_and_judges_grids(tmp_path):
     assert judge(its[:1], [torch.zeros(9, 64)], w)["layouts"] == {"no_pair": 1}    # nothing drawn
     rows = main(["--steps", "2", "--per-pack", "4", "--eval-n", "2", "--cfg", "1", "--results", str(tmp_path / "R.md")])
     assert rows[0][:3] == ["color_attr", 1.0, 2] and rows[0][7] == 2 and "Binding probe" in (tmp_path / "R.md").read_text()
+
+def test_plot_runs_times_logs_and_lays_out_samples(tmp_path):
+    "bench/plot_runs.py: training seconds are the sum of each log window's tokens / tokens_per_s; curves and a samples strip are written; bad input is refused."
+    from PIL import Image
+    from bench.plot_runs import main, read_run
+    def fake(name, rate):
+        d = tmp_path / name; (d / "run").mkdir(parents=True)
+        (d / "run" / "metrics.jsonl").write_text("".join(json.dumps({"step": 50 * k, "tokens": 1000, "tokens_per_s": rate,
+                                                                       "ce": 1 / k, "mse": 0.5 / k}) + "\n" for k in (1, 2, 3)))
+        for f in ("t2i_0", "edit_source", "edit", "vqa"): Image.new("RGB", (8, 8), (k := len(f) * 20, k, k)).save(d / f"{f}.png")
+        (d / "report.json").write_text(json.dumps({"metrics": {"t2i": 0.5, "edit": 0.25, "vqa": 0.75}, "samples": [
+            ["t2i", "a square", "t2i_0.png", True, None], ["edit", "Take away the square", "edit.png", False, None],
+            ["vqa", "How many? -> '1' (truth: 1)", "vqa.png", True, None]]}))
+        return d
+    a, b = fake("a", 500.0), fake("b", 250.0)
+    assert [r["seconds"] for r in read_run(a)["rows"]] == [2.0, 4.0, 6.0]
+    assert [r["seconds"] for r in read_run(b)["rows"]] == [4.0, 8.0, 12.0]
+    out = main(["--out", str(tmp_path / "c.png"), "--run", f"x=1=a={a}", "--run", f"b={b}"])   # the label may hold '='
+    assert out.exists() and Image.open(out).size[0] > 1000
+    assert main(["--out", str(tmp_path / "s.png"), "--samples", str(a)]).exists()
+    with pytest.raises(SystemExit, match="not a saved learning run"): main(["--out", str(tmp_path / "d.png"), "--run", f"c={tmp_path}"])
+    with pytest.raises(SystemExit, match="not both"): main(["--out", str(tmp_path / "d.png")])

@@ -338,6 +338,8 @@ def test_bench_sampling_smoke_on_cpu(tmp_path):
     assert [r[1:5] for r in rows] == [[1.0, 2.0, 3, 6], [4.0, 2.0, 3, 6]]        # 4 prompts + 2 edits per setting
     assert all(0 <= v <= 1 for r in rows for v in r[6:]) and len(rows[0]) == 8    # t2i and edit scores
     assert "under sampling settings" in (tmp_path / "R.md").read_text()
+    rows = main(args + ["--tasks", "t2i", "edit", "--set", "bench_n=2"])          # the config's overrides, as given to the run
+    assert [r[4] for r in rows] == [3]                                            # 2 prompts + 1 edit
 
 @pytest.mark.slow
 def test_compiled_layers_match_eager_on_changing_packs(tmp_path):
