@@ -6,7 +6,10 @@ an object, with fixed random codes. Scenes and prompts come from `bagel.shapeswo
 on them (packer, `forward_train`, `train_step` with EMA) and samples them (`Bagel.velocity`, `bagel.sampling.sample`,
 CFG against the text-dropped context). Each sampled token is read as its nearest code, and the ShapesWorld judge scores
 the objects read (`spec_failure`) and says how the pair was drawn (`pair_layout`). No VAE, no drawing: what is left is
-placing two objects and binding their attributes, in minutes on a CPU.
+placing two objects and binding their attributes, in minutes on a CPU. `--kind cell` is the control for position:
+one object at a cell the prompt names ("a red circle in the top left corner"), placed from the words alone.
+`--kind anchored` keeps the position prompts but always puts their reference shape in the center, so the relation's
+words decide where the other shape goes without one token having to find where another object stands.
 
     python -m bench.probe_binding --kind color_attr --steps 1000 --shift 4      # ~11 min on 2 cores
 """
@@ -50,10 +53,24 @@ class Vocab:
         if max(out) >= self.size: raise ValueError(f"the probe's prompts need more than the model's {self.size} token ids")
         return out
 
+KINDS = ("color_attr", "position", "cell", "anchored")
+
 def item(rng: random.Random, kind: str, world: World) -> dict:
+    "A prompt, its judge spec and its token grid: a ShapesWorld T2I sample of `kind`, or for 'cell' one object at a named cell."
     from bagel import shapesworld as sw
-    s = sw.t2i_sample(rng, kind)
-    return {"prompt": rng.choice(s["prompts"]), "spec": s["spec"], "tokens": world.tokens(s["scene"].objects)}
+    if kind == "cell":     # the control for position: an absolute place in the words, nothing to coordinate between objects
+        o = sw.Obj(rng.choice(sw.SHAPES), rng.choice(list(sw.COLORS)), "large", rng.choice(sw.CELLS))
+        return {"prompt": f"a {o.color} {o.shape} {sw._CELL_AT[o.cell]}", "tokens": world.tokens([o]),
+                "spec": {"include": [{"shape": o.shape, "color": o.color, "cell": o.cell, "count": 1}], "tag": "cell"}}
+    s = sw.t2i_sample(rng, "position" if kind == "anchored" else kind)
+    objects = s["scene"].objects
+    if kind == "anchored":  # a position prompt whose reference shape always stands in the center: the relation word and
+        ref, mover = s["spec"]["include"]   # the names' order place the other shape alone, with no object to look for
+        a = next(o for o in objects if o.shape == ref["shape"]); a = replace(a, cell="center")
+        b = next(o for o in objects if o.shape == mover["shape"])
+        b = replace(b, cell=rng.choice([c for c in sw.CELLS if sw.holds(mover["position"][0], replace(b, cell=c), a)]))
+        objects = [a, b]
+    return {"prompt": rng.choice(s["prompts"]), "spec": s["spec"], "tokens": world.tokens(objects)}
 
 def make_pack(rng, kind: str, n: int, world: World, vocab: Vocab, bcfg, pc):
     "One packed batch of n T2I samples, its latents set directly (no VAE encode)."
@@ -96,7 +113,9 @@ def main(argv=None):
     from bagel.train import EMA, TrainConfig, build_model, make_optimizer, model_config, train_step
     from bench.common import RESULTS, report
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", choices=("color_attr", "position"), default="color_attr")
+    ap.add_argument("--kind", choices=KINDS, default="color_attr",
+                    help="cell: one object at a cell the prompt names (absolute place, the control for position); "
+                         "anchored: position prompts whose reference shape is always in the center")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--per-pack", type=int, default=96, help="samples per optimizer step")
     ap.add_argument("--shift", type=float, default=1.0, help="timestep shift in training and sampling")

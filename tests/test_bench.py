@@ -76,6 +76,14 @@ def test_probe_binding_reads_and_judges_grids(tmp_path):
         return w.tokens([replace(a, color=b.color), replace(b, color=a.color)])
     assert judge(its, [swapped(it["tokens"]) for it in its], w) == {"items": 10, "pass": 0, "two": 10, "layouts": {"swapped": 10}}
     assert judge(its[:1], [torch.zeros(9, 64)], w)["layouts"] == {"no_pair": 1}    # nothing drawn
+    its = [item(rng, "cell", w) for _ in range(20)]    # the control: one object where the prompt puts it, in words
+    assert all(it["prompt"].split()[3] in ("in", "at", "on") for it in its) and len({it["spec"]["include"][0]["cell"] for it in its}) > 3
+    assert judge(its, [it["tokens"] for it in its], w) == {"items": 20, "pass": 20, "two": 0, "layouts": {"no_pair": 20}}
+    moved = [torch.roll(it["tokens"], 1, 0) for it in its]                        # every object one cell on
+    assert judge(its, moved, w)["pass"] == 0
+    its = [item(rng, "anchored", w) for _ in range(20)]  # position prompts, the reference shape always in the center
+    assert judge(its, [it["tokens"] for it in its], w) == {"items": 20, "pass": 20, "two": 20, "layouts": {"as_named": 20}}
+    assert all(w.read(it["tokens"][4:5])[0].shape == it["spec"]["include"][0]["shape"] for it in its)
     rows = main(["--steps", "2", "--per-pack", "4", "--eval-n", "2", "--cfg", "1", "--results", str(tmp_path / "R.md")])
     assert rows[0][:3] == ["color_attr", 1.0, 2] and rows[0][7] == 2 and "Binding probe" in (tmp_path / "R.md").read_text()
 
