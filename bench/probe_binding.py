@@ -8,8 +8,8 @@ CFG against the text-dropped context). Each sampled token is read as its nearest
 the objects read (`spec_failure`) and says how the pair was drawn (`pair_layout`). No VAE, no drawing: what is left is
 placing two objects and binding their attributes, in minutes on a CPU. `--kind cell` is the control for position:
 one object at a cell the prompt names ("a red circle in the top left corner"), placed from the words alone.
-`--kind anchored` keeps the position prompts but always puts their reference shape in the center, so the relation's
-words decide where the other shape goes without one token having to find where another object stands.
+`--kind anchored` keeps the position prompts but always puts their second-named shape in the center, so the words
+alone decide where the other shape goes, without one token having to find where another object stands.
 
     python -m bench.probe_binding --kind color_attr --steps 1000 --shift 4      # ~11 min on 2 cores
 """
@@ -63,14 +63,13 @@ def item(rng: random.Random, kind: str, world: World) -> dict:
         return {"prompt": f"a {o.color} {o.shape} {sw._CELL_AT[o.cell]}", "tokens": world.tokens([o]),
                 "spec": {"include": [{"shape": o.shape, "color": o.color, "cell": o.cell, "count": 1}], "tag": "cell"}}
     s = sw.t2i_sample(rng, "position" if kind == "anchored" else kind)
-    objects = s["scene"].objects
-    if kind == "anchored":  # a position prompt whose reference shape always stands in the center: the relation word and
-        ref, mover = s["spec"]["include"]   # the names' order place the other shape alone, with no object to look for
-        a = next(o for o in objects if o.shape == ref["shape"]); a = replace(a, cell="center")
-        b = next(o for o in objects if o.shape == mover["shape"])
-        b = replace(b, cell=rng.choice([c for c in sw.CELLS if sw.holds(mover["position"][0], replace(b, cell=c), a)]))
-        objects = [a, b]
-    return {"prompt": rng.choice(s["prompts"]), "spec": s["spec"], "tokens": world.tokens(objects)}
+    prompt, objects = rng.choice(s["prompts"]), s["scene"].objects
+    if kind == "anchored":  # a position prompt whose second-named shape always stands in the center: the words alone say
+        last = max(objects, key=lambda o: prompt.split().index(o.shape))   # which side the first-named one goes (the
+        a, b = replace(last, cell="center"), next(o for o in objects if o is not last)   # spec's reference: either)
+        fits = lambda c: sw.spec_failure(s["spec"], [a, replace(b, cell=c)]) is None
+        objects = [a, replace(b, cell=rng.choice([c for c in sw.CELLS if c != "center" and fits(c)]))]
+    return {"prompt": prompt, "spec": s["spec"], "tokens": world.tokens(objects)}
 
 def make_pack(rng, kind: str, n: int, world: World, vocab: Vocab, bcfg, pc):
     "One packed batch of n T2I samples, its latents set directly (no VAE encode)."
@@ -115,7 +114,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", choices=KINDS, default="color_attr",
                     help="cell: one object at a cell the prompt names (absolute place, the control for position); "
-                         "anchored: position prompts whose reference shape is always in the center")
+                         "anchored: position prompts whose second-named shape is always in the center")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--per-pack", type=int, default=96, help="samples per optimizer step")
     ap.add_argument("--shift", type=float, default=1.0, help="timestep shift in training and sampling")
