@@ -14,11 +14,15 @@ from pathlib import Path
 
 GOALS = {"t2i": 0.9, "edit": 0.8, "vqa": 0.9}   # the training issue's
 
-def read_run(path: Path) -> dict:
-    "A run's log rows (run/metrics.jsonl, with `seconds`: training seconds at each log) and its report.json."
+def _files(path: Path) -> tuple:  # -> (report.json, run/metrics.jsonl) of a saved run
     rep, log = path / "report.json", path / "run" / "metrics.jsonl"
     if not rep.exists() or not log.exists():
         raise SystemExit(f"{path} is not a saved learning run: it needs report.json and run/metrics.jsonl")
+    return rep, log
+
+def read_run(path: Path) -> dict:
+    "A run's log rows (run/metrics.jsonl, with `seconds`: training seconds at each log) and its report.json."
+    rep, log = _files(path)
     rows, t = [], 0.0
     for line in log.read_text().splitlines():
         r = json.loads(line)
@@ -45,7 +49,7 @@ def plot_curves(runs: dict, out: Path) -> Path:  # runs: {label: read_run(...)}
     ax, tasks, w = axes[2], list(GOALS), 0.8 / max(1, len(runs))
     for i, (label, r) in enumerate(runs.items()):
         m = r["report"]["metrics"]
-        ax.bar([k + i * w for k in range(len(tasks))], [m.get(t, 0.0) for t in tasks], w, label=label)
+        ax.bar([k + i * w for k in range(len(tasks))], [m.get(t, 0.0) for t in tasks], w)   # colours as the curves
     for k, t in enumerate(tasks):
         ax.hlines(GOALS[t], k - 0.05, k + 0.85, colors="k", linestyles="dashed", lw=1)
     ax.set(title="ShapesWorld-Bench (dashed: goals)", ylim=(0, 1), xticks=[k + 0.4 - w / 2 for k in range(len(tasks))],
@@ -57,7 +61,7 @@ def plot_samples(path: Path, out: Path) -> Path:
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    rows = read_run(path)["report"]["samples"]                  # [task, text, image file, judged ok, why not]
+    rows = json.loads(_files(path)[0].read_text())["samples"]   # [task, text, image file, judged ok, why not]
     panels = []
     for task, text, name, ok, why in rows:
         if task == "edit": panels.append(("edit source", path / "edit_source.png"))
