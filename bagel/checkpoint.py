@@ -17,12 +17,15 @@ from .siglip import ViTConfig
 from .vae import AutoEncoder, VAEConfig
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'AE_WEIGHTS', 'LLM_CONFIG', 'VIT_CONFIG', 'OPTIONAL_KEYS', 'SPECIAL_TOKEN_STRINGS', 'CheckpointError',
-           'read_header', 'config_from_dir', 'load_tokenizer', 'special_tokens', 'check_header', 'assign_from_file',
-           'BagelBundle', 'from_pretrained', 'save_file_atomic', 'save_pretrained', 'download_bagel']
+__all__ = ['WEIGHTS', 'AE_WEIGHTS', 'LLM_CONFIG', 'VIT_CONFIG', 'EXTRA_CONFIG', 'EXTRA_FIELDS', 'OPTIONAL_KEYS',
+           'SPECIAL_TOKEN_STRINGS', 'CheckpointError', 'read_header', 'config_from_dir', 'load_tokenizer',
+           'special_tokens', 'check_header', 'assign_from_file', 'BagelBundle', 'from_pretrained', 'save_file_atomic',
+           'save_pretrained', 'download_bagel']
 
 # %% ../nbs/03_checkpoint.ipynb #3fb4b71f
 WEIGHTS, AE_WEIGHTS, LLM_CONFIG, VIT_CONFIG = "ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json"
+EXTRA_CONFIG = "bagel_config.json"   # this project's options that change the function (written only when not BAGEL's)
+EXTRA_FIELDS = ("latent_rope",)       # BagelConfig fields it may hold
 OPTIONAL_KEYS = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")  # fixed tables, recomputed if absent
 
 class CheckpointError(ValueError):
@@ -82,6 +85,12 @@ def config_from_dir(model_dir: str | Path,
             kw["max_latent_size"] = 64
         else:
             kw["max_latent_size"] = max_latent_size
+    if (d / EXTRA_CONFIG).is_file():
+        extra = json.loads((d / EXTRA_CONFIG).read_text())
+        unknown = sorted(set(extra) - set(EXTRA_FIELDS))
+        if unknown: raise CheckpointError(f"{d / EXTRA_CONFIG} sets {unknown}, which this version of bagel does not know "
+                                          f"(it knows {list(EXTRA_FIELDS)}): upgrade bagel to load this model")
+        kw |= extra
     ae = {k: torch.empty(s, device="meta") for k, (_, s) in read_header(d / AE_WEIGHTS).items()}
     tokens = tokens or special_tokens(load_tokenizer(d))
     try:
@@ -224,6 +233,9 @@ def save_pretrained(bundle: BagelBundle, model_dir: str | Path, dtype: torch.dty
     cfg = bundle.config
     dump = lambda obj: (lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
     _atomic_write(d / LLM_CONFIG, dump(cfg.llm.to_dict()))
+    extra = {k: getattr(cfg, k) for k in EXTRA_FIELDS if getattr(cfg, k) != BagelConfig.__dataclass_fields__[k].default}
+    if extra: _atomic_write(d / EXTRA_CONFIG, dump(extra))
+    else: (d / EXTRA_CONFIG).unlink(missing_ok=True)     # BAGEL's layout: nothing beyond the official files
     if cfg.visual_und:  # file form: the released file lists the ViT layer that the model drops
         _atomic_write(d / VIT_CONFIG, dump(replace(cfg.vit, num_hidden_layers=cfg.vit.num_hidden_layers + 1).to_dict()))
     cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)

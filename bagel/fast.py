@@ -118,13 +118,14 @@ class StaticVelocity:
         self.t = torch.zeros(b, device=dev)                                          # one flow time per context
         self.tok_ctx = torch.repeat_interleave(torch.arange(b), torch.tensor(self.n)).to(dev)
         self.lat_pos = torch.cat([latent_position_ids(h, w, G) for h, w in grids]).to(dev)
-        # the packed query: per context <|vision_start|> latents <|vision_end|>, all at the context's RoPE position
+        # the packed query: per context <|vision_start|> latents <|vision_end|> at the context's RoPE position (Bagel._framed)
         q_lens = [n + 2 for n in self.n]
         starts = torch.tensor([0] + q_lens[:-1]).cumsum(0)
         lat_rows = torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts.tolist(), self.n)])
         self.lat_rows = lat_rows.to(dev)
         self.soi_rows, self.eoi_rows = starts.to(dev), (starts + torch.tensor(q_lens) - 1).to(dev)
-        self.pos = torch.repeat_interleave(torch.tensor([c.rope for c in ctxs]), torch.tensor(q_lens)).to(dev)
+        self.pos = torch.cat([torch.arange(c.rope, c.rope + q) if model.rope_span(q, True) > 1 else torch.full((q,), c.rope)
+                              for c, q in zip(ctxs, q_lens)]).to(dev)
         self.plan = AttnPlan.batch(q_lens, "full", [len(c) for c in ctxs])
         is_gen = torch.zeros(sum(q_lens), dtype=torch.bool); is_gen[lat_rows] = True
         self.route = Routing.from_mask(is_gen, dev)

@@ -49,12 +49,19 @@ class BagelConfig:
     connector_act: str = "gelu_pytorch_tanh"
     interpolate_pos: bool = False     # only the default "extrapolate" position scheme is implemented
     timestep_shift: float = 1.0       # shift of the training timestep distribution
+    latent_rope: str = "shared"       # RoPE positions of latent (VAE) tokens: "shared" (BAGEL: one per image, the
+                                      # markers' too) | "raster" (an option of this project, not in the checkpoint:
+                                      # the framed block counts on like text, so attention sees the offset between
+                                      # two latent tokens; saved in bagel_config.json)
     tokens: SpecialTokens = field(default_factory=SpecialTokens.qwen2_5)
 
     def __post_init__(self):
         if self.interpolate_pos:
             raise NotImplementedError("interpolate_pos=True (fractional 2-D positions) is not implemented; "
                                       "BAGEL-7B-MoT uses the default interpolate_pos=False")
+        if self.latent_rope not in ("shared", "raster"):
+            raise ValueError(f"latent_rope={self.latent_rope!r}: use 'shared' (BAGEL's layout, which the released "
+                             f"checkpoint was trained with) or 'raster' (a position per latent token)")
         if not (self.visual_gen or self.visual_und):
             raise ValueError("BagelConfig needs visual_gen or visual_und (or both) to be True")
         if self.llm.hidden_size % 4:
@@ -288,20 +295,25 @@ def text_block(self: Bagel, ids: list) -> list:
 # %% ../nbs/02_model.ipynb #55085cb3
 @patch
 def _framed(self: Bagel, inner: Tensor, ctx: Context, inner_gen: bool) -> tuple:  # [N, H] -> ([N+2, H], pos, is_gen)
-    "Put <|vision_start|> ... <|vision_end|> around image tokens; all at the context's RoPE position."
+    "Put <|vision_start|> ... <|vision_end|> around image tokens, at the context's RoPE position (see `rope_span`)."
     tk, dev = self.config.tokens, self.device
     marks = self.embed_text(to_device(torch.tensor([tk.start_of_image, tk.end_of_image]), dev))
     x = torch.cat([marks[:1], inner.to(marks.dtype), marks[1:]])
     g = torch.zeros(x.shape[0], dtype=torch.bool); g[1:-1] = inner_gen           # host mask (no device sync)
-    return x, _positions(ctx, x.shape[0], True, dev), g
+    return x, _positions(ctx, x.shape[0], self.rope_span(x.shape[0], inner_gen) == 1, dev), g
+
+@patch
+def rope_span(self: Bagel, n: int, gen: bool) -> int:
+    "RoPE positions a framed image block of `n` tokens (markers included) takes: 1, or `n` for latents under `latent_rope='raster'`."
+    return n if gen and self.config.latent_rope == "raster" else 1
 
 @patch
 def _prefill_image(self: Bagel, ctxs: list, parts: list, defer: bool):
-    "Run (or, with `defer`, place as pending) one framed image block per sequence; RoPE advances by 1."
+    "Run (or, with `defer`, place as pending) one framed image block per sequence; RoPE advances by its span."
     if defer:
         for c, (x, pos, g) in zip(ctxs, parts): c.pending += ((x, pos, g, "full"),)
     else: self._run(ctxs, _Block(*map(list, zip(*parts)), "full"), update_cache=True)
-    for c in ctxs: c.rope += 1
+    for c, (x, _, g) in zip(ctxs, parts): c.rope += self.rope_span(x.shape[0], bool(g.any()))
 
 @patch
 @torch.no_grad()
@@ -315,7 +327,7 @@ def extend_vit(self: Bagel, ctxs: list, images: list,  # b contexts; b images [3
 @torch.no_grad()
 def extend_vae(self: Bagel, ctxs: list, latents: list,  # b contexts; b model latents [C, h*p, w*p] (scaled)
                defer: bool = False):   # embed now, run with the next forward on these contexts
-    "Prefill one clean-latent block per sequence (t = 0, gen expert, full attention); RoPE advances by 1."
+    "Prefill one clean-latent block per sequence (t = 0, gen expert, full attention); RoPE advances by `rope_span`."
     parts = []
     for z, c in zip(latents, ctxs):
         toks, ids, _ = self.latent_tokens(z.to(self.device))

@@ -19,8 +19,8 @@ from .siglip import patchify, vit_position_ids
 from .vae import latent_position_ids
 
 # %% auto #0
-__all__ = ['ITEM_TYPES', 'PlanItem', 'Sample', 'PackConfig', 'item_len', 'sample_len', 'PackBuilder', 'pack_samples', 'unpack',
-           'flex_pad', 'attn_plan', 'block_mask', 'SequencePacker']
+__all__ = ['ITEM_TYPES', 'PlanItem', 'Sample', 'PackConfig', 'item_len', 'rope_span', 'sample_len', 'PackBuilder', 'pack_samples',
+           'unpack', 'flex_pad', 'attn_plan', 'block_mask', 'SequencePacker']
 
 # %% ../nbs/20_packing.ipynb #dd2e2ea1
 ITEM_TYPES = ("text", "vit_image", "vae_image")
@@ -64,6 +64,7 @@ class PackConfig:
     vit_grid: int = 70                      # G of the ViT position ids
     latent_downsample: int = 16             # pixels per latent token side (VAE 8 x patch 2)
     latent_grid: int = 64                   # G of the latent position ids (max_latent_size)
+    latent_rope: str = "shared"             # RoPE of VAE image blocks: one position, or "raster" (BagelConfig.latent_rope)
     text_cond_dropout_prob: float = 0.1     # trainer defaults (spec §5.3)
     vit_cond_dropout_prob: float = 0.3
     vae_cond_dropout_prob: float = 0.3
@@ -78,6 +79,8 @@ class PackConfig:
     def __post_init__(self):
         for k in ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"):
             if not 0 <= getattr(self, k) <= 1: raise ValueError(f"PackConfig.{k} must be in [0, 1], got {getattr(self, k)}")
+        if self.latent_rope not in ("shared", "raster"):
+            raise ValueError(f"PackConfig.latent_rope={self.latent_rope!r}: use 'shared' or 'raster', as the model's BagelConfig")
         if not 0 < self.max_num_tokens_per_sample <= self.max_num_tokens:
             raise ValueError(f"need 0 < max_num_tokens_per_sample ({self.max_num_tokens_per_sample}) <= max_num_tokens ({self.max_num_tokens})")
         if not 0 < self.expected_num_tokens <= self.max_num_tokens:
@@ -87,7 +90,8 @@ class PackConfig:
     def from_model(cls, cfg: BagelConfig, **kw):
         "Strides, grids and special tokens of a model config (other fields from `kw` or defaults)."
         return cls(**dict(tokens=cfg.tokens, vit_patch_size=cfg.vit.patch_size, vit_grid=cfg.vit_max_num_patch_per_side,
-                          latent_downsample=cfg.latent_downsample, latent_grid=cfg.max_latent_size) | kw)
+                          latent_downsample=cfg.latent_downsample, latent_grid=cfg.max_latent_size,
+                          latent_rope=cfg.latent_rope) | kw)
 
     @classmethod
     def bagel_7b(cls, **kw): return cls.from_model(BagelConfig.bagel_7b_mot(), **kw)
@@ -115,6 +119,10 @@ def item_len(item: PlanItem, cfg: PackConfig) -> int:
     if item.type == "text": return len(item.ids) + 2
     h, w = _grid(item, cfg)
     return h * w + 2
+
+def rope_span(item: PlanItem, cfg: PackConfig) -> int:
+    "RoPE positions a clean image item takes (`Bagel.rope_span`): 1, or its tokens for a VAE image under `latent_rope='raster'`."
+    return item_len(item, cfg) if item.type == "vae_image" and cfg.latent_rope == "raster" else 1
 
 def sample_len(s: Sample, cfg: PackConfig) -> int:
     "Tokens of the sample without dropout (spec §6.4's n)."
@@ -159,9 +167,10 @@ PackBuilder._add_text = _add_text
 
 # %% ../nbs/20_packing.ipynb #1c1b971c
 def _add_image(self: PackBuilder, it: PlanItem, rope: int, rng: random.Random) -> int:
-    "Append `[start] + image tokens + [end]`, all at `rope`; returns the next RoPE position."
+    "Append `[start] + image tokens + [end]` at `rope` (`rope, rope+1, ...` for a raster latent block); returns the next RoPE position."
     c, a = self.cfg, self.length
     h, w = _grid(it, c)
+    n, span = h * w + 2, rope_span(it, c)
     slots = range(a + 1, a + 1 + h * w)                                           # sequence positions of the image tokens
     if it.type == "vit_image":
         self.vit_tokens.append(patchify(it.image.float(), c.vit_patch_size))       # [h*w, 3*P*P]
@@ -171,11 +180,10 @@ def _add_image(self: PackBuilder, it: PlanItem, rope: int, rng: random.Random) -
         self.vae_images.append(it.image.float()); self.vae_shapes.append((h, w))
         self.lat_pos.append(latent_position_ids(h, w, c.latent_grid)); self.vae_idx += slots
         if it.loss: self.timesteps += [rng.gauss(0.0, 1.0)] * (h * w); self.mse_idx += slots; mode, step = "noise", 0
-        else: self.timesteps += [-math.inf] * (h * w); mode, step = "full", 1
+        else: self.timesteps += [-math.inf] * (h * w); mode, step = "full", span
     if it.frame_delta is not None: mode, step = "full", it.frame_delta
-    n = h * w + 2
     self.text_ids += [c.tokens.start_of_image, c.tokens.end_of_image]; self.text_idx += [a, a + n - 1]
-    self.pos += [rope] * n
+    self.pos += [rope] * n if span == 1 else range(rope, rope + n)
     if it.special_token_loss:
         self.ce_idx.append(a + n - 1); self.labels.append(it.special_token_label); self.ce_w.append(1.0)
     self._split(n, mode)
@@ -189,7 +197,7 @@ def _add(self: PackBuilder, s: Sample, rng: random.Random) -> int:
     start, rope = self.length, 0
     for it in s.items:
         if self._drop(it, rng):
-            rope += 0 if it.type == "text" else 1        # a dropped image keeps its RoPE slot, a dropped text none
+            rope += 0 if it.type == "text" else rope_span(it, self.cfg)   # a dropped image keeps its RoPE slot(s), a dropped text none
         elif it.type == "text": rope = self._add_text(it, rope)
         else: rope = self._add_image(it, rope, rng)
     if self.length > start: self.sample_lens.append(self.length - start); self.keys.append(s.key)
@@ -274,7 +282,7 @@ def unpack(batch: PackedBatch, cfg: PackConfig) -> list:
                 h, w = batch.patchified_vae_latent_shapes[nvae]
                 noisy = math.isfinite(batch.packed_timesteps[vae_at[a + 1]].item())
                 items.append(PlanItem("vae_image", image=batch.padded_images[nvae, :, :h * ld, :w * ld], loss=noisy, **sp))
-                steps.append(0 if noisy else 1); nvae += 1
+                steps.append(0 if noisy else (n if cfg.latent_rope == "raster" else 1)); nvae += 1
         for k in range(len(items) - 1):                     # a RoPE step other than the default means frame_delta
             got = pos[splits[k + 1][0]] - pos[splits[k][0]]
             if items[k].type != "text" and got != steps[k]: items[k].frame_delta = got

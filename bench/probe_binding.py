@@ -121,12 +121,14 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 4.0], help="text CFG scales to sample with")
     ap.add_argument("--eval-n", type=int, default=200)
+    ap.add_argument("--latent-rope", choices=("shared", "raster"), default="shared",
+                    help="RoPE of the latent tokens (BagelConfig.latent_rope): BAGEL's one position per image, or one per token")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.per_pack < 1 or a.eval_n < 1: raise SystemExit("--steps, --per-pack and --eval-n must be >= 1")
     torch.manual_seed(a.seed)
-    bcfg = BagelConfig.shapesworld()                     # the CPU recipe's model: 128 wide, 4 layers
+    bcfg = BagelConfig.shapesworld(latent_rope=a.latent_rope)   # the CPU recipe's model: 128 wide, 4 layers
     world, vocab = World(bcfg.latent_patch_size ** 2 * bcfg.vae.z_channels), Vocab(bcfg.llm.vocab_size)
     pc = PackConfig.from_model(bcfg, text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0, vae_cond_dropout_prob=0)
     tcfg = TrainConfig(lr=a.lr, warmup_steps=min(100, a.steps), total_steps=a.steps, lr_scheduler="wsd", ema=0.995,
@@ -146,7 +148,7 @@ def main(argv=None):
     for scale in a.cfg:
         run = model_sampler(net, vocab, a.shift, scale)
         j = judge(items, [run(it, i) for i, it in enumerate(items)], world)
-        rows.append([a.kind, a.shift, a.steps, a.per_pack, round(train_s), round(sum(mse[-10:]) / len(mse[-10:]), 4), scale,
+        rows.append([a.kind if a.latent_rope == "shared" else f"{a.kind} (latent_rope {a.latent_rope})", a.shift, a.steps, a.per_pack, round(train_s), round(sum(mse[-10:]) / len(mse[-10:]), 4), scale,
                      j["items"], j["pass"], j["two"], ", ".join(f"{k} {v}" for k, v in sorted(j["layouts"].items()))])
     report("Binding probe on a 3 x 3 grid of latent tokens (bench/probe_binding.py)", COLUMNS, rows,
            notes="CPU recipe model (BagelConfig.shapesworld); one token per cell, code(shape) + code(colour); "

@@ -88,6 +88,8 @@ def test_probe_binding_reads_and_judges_grids(tmp_path):
     assert {it["spec"]["include"][0]["shape"] == sh for it, sh in zip(its, second)} == {True, False}   # either reference
     rows = main(["--steps", "2", "--per-pack", "4", "--eval-n", "2", "--cfg", "1", "--results", str(tmp_path / "R.md")])
     assert rows[0][:3] == ["color_attr", 1.0, 2] and rows[0][7] == 2 and "Binding probe" in (tmp_path / "R.md").read_text()
+    rows = main(["--steps", "1", "--per-pack", "4", "--eval-n", "1", "--cfg", "1", "--latent-rope", "raster", "--results", str(tmp_path / "R.md")])
+    assert rows[0][0] == "color_attr (latent_rope raster)"
 
 def test_plot_runs_times_logs_and_lays_out_samples(tmp_path):
     "bench/plot_runs.py: training seconds are the sum of each log window's tokens / tokens_per_s; curves and a samples strip are written; bad input is refused."

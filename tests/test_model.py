@@ -1,4 +1,6 @@
 """bagel.model: dtypes, branch switches, gradients through the training forward, batching of the inference calls."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -109,12 +111,13 @@ def test_packed_batch_to_moves_every_tensor():
     assert all(t.device.type == "meta" for t in vars(m).values() if isinstance(t, torch.Tensor))
     assert m.sample_lens is b.sample_lens and b.packed_text_ids.device.type == "cpu"   # a copy; the original stays
 
+@pytest.mark.parametrize("latent_rope", ["shared", "raster"])
 @pytest.mark.parametrize("task", ["t2i", "edit"])
-def test_inference_velocity_equals_training_forward(task):
+def test_inference_velocity_equals_training_forward(task, latent_rope):
     "The prefix cache + Bagel.velocity predict what forward_train predicts for the same packed sample, noise and time."
     from bagel.packing import PackConfig, PlanItem, Sample, pack_samples
     from bagel.vae import AutoEncoder, patchify_latent
-    model = _model().eval(); cfg = model.config
+    model = _model(latent_rope=latent_rope).eval(); cfg = model.config
     vae = init_random_(AutoEncoder(cfg.vae), torch.Generator().manual_seed(1)).eval()
     g = torch.Generator().manual_seed(2)
     S, V = 2 * cfg.latent_downsample, 2 * cfg.vit.patch_size
@@ -135,3 +138,23 @@ def test_inference_velocity_equals_training_forward(task):
     v = model.velocity([ctx], [x_t], t, [(S // cfg.latent_downsample,) * 2])[0]
     assert v.abs().mean() > 1e-3
     torch.testing.assert_close(v, out.velocity_pred, atol=1e-5, rtol=1e-4)
+    n = (S // cfg.latent_downsample) ** 2 + 2                       # a framed latent block: its RoPE span
+    assert ctx.rope == len(ids) + 2 + (0 if task == "t2i" else (n if latent_rope == "raster" else 1) + 1)
+    if latent_rope == "raster":                                     # the layout changes what the same weights predict
+        shared = Bagel(replace(cfg, latent_rope="shared")).eval(); shared.load_state_dict(model.state_dict())
+        with torch.no_grad(): other = shared.forward_train(replace(b, packed_position_ids=pack_samples(
+            [Sample(items, "k")], replace(pc, latent_rope="shared")).packed_position_ids), generator=torch.Generator().manual_seed(3))
+        assert (other.velocity_pred - out.velocity_pred).abs().max() > 1e-3
+
+
+def test_latent_rope_layouts():
+    "shared: a framed latent block is one RoPE position; raster: one per token, and the next block starts after it."
+    m = _model(latent_rope="raster").eval()
+    ctx = m.new_context(); m.extend_text([ctx], [[1, 5, 2]])
+    x, pos, g = m._framed(torch.zeros(4, m.config.llm.hidden_size), ctx, True)
+    assert pos.tolist() == [3, 4, 5, 6, 7, 8] and m.rope_span(6, True) == 6 and m.rope_span(6, False) == 1
+    assert m._framed(torch.zeros(4, m.config.llm.hidden_size), ctx, False)[1].tolist() == [3] * 6   # ViT blocks: one position
+    m.extend_vae([ctx], [torch.randn(m.config.vae.z_channels, 4, 4)]); assert ctx.rope == 3 + 6
+    s = _model().eval(); c2 = s.new_context(); s.extend_text([c2], [[1, 5, 2]])
+    s.extend_vae([c2], [torch.randn(s.config.vae.z_channels, 4, 4)]); assert c2.rope == 4
+    with pytest.raises(ValueError, match="'shared' \\(BAGEL's layout"): BagelConfig.tiny(latent_rope="2d")

@@ -109,6 +109,16 @@ def test_two_process_checkpoint_resumes_on_one_and_exports(tmp_path):
     back = from_pretrained(out, dtype=torch.float32).model.state_dict()
     assert set(back) == set(two["ema"]) and all(torch.equal(back[k], v) for k, v in two["ema"].items())
 
+def test_export_keeps_the_latent_rope_option(tmp_path):
+    "A model dir of a latent_rope='raster' run exports with its bagel_config.json, so the export loads with raster positions."
+    from bagel.checkpoint import EXTRA_CONFIG, config_from_dir, from_pretrained
+    from bagel.testing import write_tiny_checkpoint
+    md = write_tiny_checkpoint(tmp_path / "model", cfg=BagelConfig.tiny(latent_rope="raster"))
+    sd = from_pretrained(md, dtype=torch.float32).model.state_dict()
+    out = export_ema(sd, tmp_path / "export", model_dir=md)
+    assert config_from_dir(out).latent_rope == "raster" and (out / EXTRA_CONFIG).is_file()
+    assert not (write_tiny_checkpoint(tmp_path / "plain") / EXTRA_CONFIG).exists()      # BAGEL's layout: no extra file
+
 # ---------------------------------------------------------------------------------------------------------------
 def test_losses_by_hand():
     "CE / MSE against F.cross_entropy / explicit means; the world-size factor and reweighting."
