@@ -5,9 +5,14 @@ differ in length (16k, 32k or 64k-token packs), and each run's ShapesWorld-Bench
 `--samples DIR`: a strip of that run's held-out samples (T2I prompts, the edit's source and result, the question),
 each titled with its prompt and the judge's verdict.
 
+nb 36's two figures:
+
     python -m bench.plot_runs --out nbs/images/shapesworld_gpu_curves.png \\
-        --run "64 px=bench/results/shapesworld_gpu_h200_2026-11-29j" --run "96 px=bench/results/shapesworld_gpu_h200_2026-11-29r"
-    python -m bench.plot_runs --out nbs/images/shapesworld_gpu_samples.png --samples bench/results/shapesworld_gpu_h200_2026-11-30c
+        --run "11th: 64 px, shift 1=bench/results/shapesworld_gpu_h200_2026-11-29j" \\
+        --run "30th: the config, stopped at 3650=bench/results/shapesworld_gpu_h200_2026-11-30c" \\
+        --run "32nd: the config=bench/results/shapesworld_gpu_h200_2026-11-30e" \\
+        --run "33rd: latent_rope raster=bench/results/shapesworld_gpu_h200_2026-11-30f"
+    python -m bench.plot_runs --out nbs/images/shapesworld_gpu_samples.png --samples bench/results/shapesworld_gpu_h200_2026-11-30e
 """
 import argparse, json, textwrap
 from pathlib import Path
