@@ -22,7 +22,7 @@ def info(model_dir: str | Path) -> dict:
     count = lambda f: sum(torch.Size(s).numel() for _, s in read_header(d / f).values())
     return {"model_dir": str(d), "hidden_size": cfg.llm.hidden_size, "layers": cfg.llm.num_hidden_layers,
             "vocab_rows": cfg.llm.vocab_size, "vit_layers": cfg.vit.num_hidden_layers if cfg.visual_und else 0,
-            "visual_gen": cfg.visual_gen, "visual_und": cfg.visual_und,
+            "visual_gen": cfg.visual_gen, "visual_und": cfg.visual_und, "latent_rope": cfg.latent_rope,
             "max_image_size": cfg.max_image_size, "max_vit_image_size": cfg.max_vit_image_size,
             "bagel_parameters": count(WEIGHTS), "vae_parameters": count(AE_WEIGHTS),
             "special_tokens": cfg.tokens.as_dict()}
