@@ -92,10 +92,16 @@ def config_from_dir(model_dir: str | Path,
                                           f"(it knows {list(EXTRA_FIELDS)}): upgrade bagel to load this model")
         kw |= extra
     ae = {k: torch.empty(s, device="meta") for k, (_, s) in read_header(d / AE_WEIGHTS).items()}
+    vae = VAEConfig.from_state_dict(ae)
+    if visual_gen:                                   # vae2llm reads p*p*C values per latent token
+        pp, rem = divmod(shapes["vae2llm.weight"][1], vae.z_channels)
+        if rem or math.isqrt(pp) ** 2 != pp:
+            raise CheckpointError(f"vae2llm.weight takes {shapes['vae2llm.weight'][1]} inputs, which is not p*p*{vae.z_channels} "
+                                  f"(latent patch p, the VAE's {vae.z_channels} channels): the weights and the VAE do not belong together")
+        kw["latent_patch_size"] = math.isqrt(pp)
     tokens = tokens or special_tokens(load_tokenizer(d))
     try:
-        return BagelConfig(llm=llm, vae=VAEConfig.from_state_dict(ae), visual_gen=visual_gen, visual_und=visual_und,
-                           tokens=tokens, **kw)
+        return BagelConfig(llm=llm, vae=vae, visual_gen=visual_gen, visual_und=visual_und, tokens=tokens, **kw)
     except ValueError as e:
         raise CheckpointError(f"{d}: the configs do not fit the weights: {e}") from None
 
