@@ -124,8 +124,7 @@ class StaticVelocity:
         lat_rows = torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts.tolist(), self.n)])
         self.lat_rows = lat_rows.to(dev)
         self.soi_rows, self.eoi_rows = starts.to(dev), (starts + torch.tensor(q_lens) - 1).to(dev)
-        self.pos = torch.cat([torch.arange(c.rope, c.rope + q) if model.rope_span(q, True) > 1 else torch.full((q,), c.rope)
-                              for c, q in zip(ctxs, q_lens)]).to(dev)
+        self.pos = torch.cat([model.image_positions(c, q, True, "cpu") for c, q in zip(ctxs, q_lens)]).to(dev)
         self.plan = AttnPlan.batch(q_lens, "full", [len(c) for c in ctxs])
         is_gen = torch.zeros(sum(q_lens), dtype=torch.bool); is_gen[lat_rows] = True
         self.route = Routing.from_mask(is_gen, dev)

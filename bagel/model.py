@@ -17,8 +17,8 @@ from .siglip import MLPConnector, SiglipNaViT, ViTConfig, pack_vit_images
 from .vae import VAEConfig, latent_position_ids, patchify_latent
 
 # %% auto #0
-__all__ = ['SpecialTokens', 'BagelConfig', 'timestep_sinusoid', 'TimestepEmbedder', 'sincos_2d_table', 'PositionEmbedding',
-           'Bagel', 'Context', 'PackedBatch', 'TrainOutput', 'shift_timesteps']
+__all__ = ['LATENT_ROPES', 'SpecialTokens', 'latent_rope_span', 'BagelConfig', 'timestep_sinusoid', 'TimestepEmbedder',
+           'sincos_2d_table', 'PositionEmbedding', 'Bagel', 'Context', 'PackedBatch', 'TrainOutput', 'shift_timesteps']
 
 # %% ../nbs/02_model.ipynb #34e24995
 @dataclass
@@ -35,6 +35,12 @@ class SpecialTokens:
     def as_dict(self) -> dict: return dict(vars(self))
 
 # %% ../nbs/02_model.ipynb #01eb5533
+LATENT_ROPES = ("shared", "raster")   # BagelConfig.latent_rope: BAGEL's one position per image | one per latent token
+
+def latent_rope_span(latent_rope: str, n: int, gen: bool) -> int:
+    "RoPE positions a framed image block of `n` tokens (markers included) takes: 1, or `n` for a latent block under 'raster'."
+    return n if gen and latent_rope == "raster" else 1
+
 @dataclass
 class BagelConfig:
     "The composite model: sub-configs plus the fields the official code sets in code (spec §1.5)."
@@ -59,7 +65,7 @@ class BagelConfig:
         if self.interpolate_pos:
             raise NotImplementedError("interpolate_pos=True (fractional 2-D positions) is not implemented; "
                                       "BAGEL-7B-MoT uses the default interpolate_pos=False")
-        if self.latent_rope not in ("shared", "raster"):
+        if self.latent_rope not in LATENT_ROPES:
             raise ValueError(f"latent_rope={self.latent_rope!r}: use 'shared' (BAGEL's layout, which the released "
                              f"checkpoint was trained with) or 'raster' (a position per latent token)")
         if not (self.visual_gen or self.visual_und):
@@ -300,12 +306,17 @@ def _framed(self: Bagel, inner: Tensor, ctx: Context, inner_gen: bool) -> tuple:
     marks = self.embed_text(to_device(torch.tensor([tk.start_of_image, tk.end_of_image]), dev))
     x = torch.cat([marks[:1], inner.to(marks.dtype), marks[1:]])
     g = torch.zeros(x.shape[0], dtype=torch.bool); g[1:-1] = inner_gen           # host mask (no device sync)
-    return x, _positions(ctx, x.shape[0], self.rope_span(x.shape[0], inner_gen) == 1, dev), g
+    return x, self.image_positions(ctx, x.shape[0], inner_gen, dev), g
 
 @patch
 def rope_span(self: Bagel, n: int, gen: bool) -> int:
-    "RoPE positions a framed image block of `n` tokens (markers included) takes: 1, or `n` for latents under `latent_rope='raster'`."
-    return n if gen and self.config.latent_rope == "raster" else 1
+    "RoPE positions a framed image block of `n` tokens (markers included) takes under this model's `latent_rope`."
+    return latent_rope_span(self.config.latent_rope, n, gen)
+
+@patch
+def image_positions(self: Bagel, ctx: Context, n: int, gen: bool, device) -> Tensor:  # -> [n]
+    "RoPE positions of a framed image block of `n` tokens placed at `ctx`: all `ctx.rope`, or counting on (`rope_span`)."
+    return _positions(ctx, n, self.rope_span(n, gen) == 1, device)
 
 @patch
 def _prefill_image(self: Bagel, ctxs: list, parts: list, defer: bool):

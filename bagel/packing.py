@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .model import BagelConfig, PackedBatch, SpecialTokens
+from .model import LATENT_ROPES, BagelConfig, PackedBatch, SpecialTokens, latent_rope_span
 from .mot import AttnPlan, attn_allowed
 from .siglip import patchify, vit_position_ids
 from .vae import latent_position_ids
@@ -79,7 +79,7 @@ class PackConfig:
     def __post_init__(self):
         for k in ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"):
             if not 0 <= getattr(self, k) <= 1: raise ValueError(f"PackConfig.{k} must be in [0, 1], got {getattr(self, k)}")
-        if self.latent_rope not in ("shared", "raster"):
+        if self.latent_rope not in LATENT_ROPES:
             raise ValueError(f"PackConfig.latent_rope={self.latent_rope!r}: use 'shared' or 'raster', as the model's BagelConfig")
         if not 0 < self.max_num_tokens_per_sample <= self.max_num_tokens:
             raise ValueError(f"need 0 < max_num_tokens_per_sample ({self.max_num_tokens_per_sample}) <= max_num_tokens ({self.max_num_tokens})")
@@ -122,7 +122,7 @@ def item_len(item: PlanItem, cfg: PackConfig) -> int:
 
 def rope_span(item: PlanItem, cfg: PackConfig) -> int:
     "RoPE positions a clean image item takes (`Bagel.rope_span`): 1, or its tokens for a VAE image under `latent_rope='raster'`."
-    return item_len(item, cfg) if item.type == "vae_image" and cfg.latent_rope == "raster" else 1
+    return latent_rope_span(cfg.latent_rope, item_len(item, cfg), item.type == "vae_image")
 
 def sample_len(s: Sample, cfg: PackConfig) -> int:
     "Tokens of the sample without dropout (spec §6.4's n)."
@@ -282,7 +282,7 @@ def unpack(batch: PackedBatch, cfg: PackConfig) -> list:
                 h, w = batch.patchified_vae_latent_shapes[nvae]
                 noisy = math.isfinite(batch.packed_timesteps[vae_at[a + 1]].item())
                 items.append(PlanItem("vae_image", image=batch.padded_images[nvae, :, :h * ld, :w * ld], loss=noisy, **sp))
-                steps.append(0 if noisy else (n if cfg.latent_rope == "raster" else 1)); nvae += 1
+                steps.append(0 if noisy else rope_span(items[-1], cfg)); nvae += 1
         for k in range(len(items) - 1):                     # a RoPE step other than the default means frame_delta
             got = pos[splits[k + 1][0]] - pos[splits[k][0]]
             if items[k].type != "text" and got != steps[k]: items[k].frame_delta = got

@@ -144,11 +144,11 @@ def main(argv=None):
     net.load_state_dict(ema.full_state_dict(), strict=True); net.eval()
     erng = random.Random(10_000 + a.seed)                # held-out draws: another stream than training's
     items = [item(erng, a.kind, world) for _ in range(a.eval_n)]
-    rows = []
+    rows, label = [], a.kind if a.latent_rope == "shared" else f"{a.kind} (latent_rope {a.latent_rope})"
     for scale in a.cfg:
         run = model_sampler(net, vocab, a.shift, scale)
         j = judge(items, [run(it, i) for i, it in enumerate(items)], world)
-        rows.append([a.kind if a.latent_rope == "shared" else f"{a.kind} (latent_rope {a.latent_rope})", a.shift, a.steps, a.per_pack, round(train_s), round(sum(mse[-10:]) / len(mse[-10:]), 4), scale,
+        rows.append([label, a.shift, a.steps, a.per_pack, round(train_s), round(sum(mse[-10:]) / len(mse[-10:]), 4), scale,
                      j["items"], j["pass"], j["two"], ", ".join(f"{k} {v}" for k, v in sorted(j["layouts"].items()))])
     report("Binding probe on a 3 x 3 grid of latent tokens (bench/probe_binding.py)", COLUMNS, rows,
            notes="CPU recipe model (BagelConfig.shapesworld); one token per cell, code(shape) + code(colour); "
