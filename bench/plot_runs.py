@@ -9,10 +9,10 @@ nb 36's two figures:
 
     python -m bench.plot_runs --out nbs/images/shapesworld_gpu_curves.png \\
         --run "11th: 64 px, shift 1=bench/results/shapesworld_gpu_h200_2026-11-29j" \\
-        --run "30th: the config, stopped at 3650=bench/results/shapesworld_gpu_h200_2026-11-30c" \\
-        --run "32nd: the config=bench/results/shapesworld_gpu_h200_2026-11-30e" \\
-        --run "33rd: latent_rope raster=bench/results/shapesworld_gpu_h200_2026-11-30f"
-    python -m bench.plot_runs --out nbs/images/shapesworld_gpu_samples.png --samples bench/results/shapesworld_gpu_h200_2026-11-30e
+        --run "32nd: patch 2, 4300 steps=bench/results/shapesworld_gpu_h200_2026-11-30e" \\
+        --run "37th: patch 2, 15 min=bench/results/shapesworld_gpu_h200_2026-11-30j" \\
+        --run "36th: patch 4 + raster (the config)=bench/results/shapesworld_gpu_h200_2026-11-30i"
+    python -m bench.plot_runs --out nbs/images/shapesworld_gpu_samples.png --samples bench/results/shapesworld_gpu_h200_2026-11-30i
 """
 import argparse, json, textwrap
 from pathlib import Path
