@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-COLUMNS = ["kind", "timestep shift", "steps", "samples/step", "train s", "final mse", "cfg", "items", "pass", "two objects read", "pair layouts"]
+COLUMNS = ["kind", "timestep shift", "steps", "samples/step", "train s", "final mse", "cfg", "items", "pass", "two objects read", "pair layouts", "failures"]
 
 class World:
     "Fixed random codes, one per shape and per colour, in the model's latent-token width `dim`."
@@ -53,7 +53,7 @@ class Vocab:
         if max(out) >= self.size: raise ValueError(f"the probe's prompts need more than the model's {self.size} token ids")
         return out
 
-KINDS = ("color_attr", "position", "cell", "anchored")
+KINDS = ("color_attr", "position", "cell", "anchored", "counting", "two_object")   # the last two: as in ShapesWorld
 
 def item(rng: random.Random, kind: str, world: World) -> dict:
     "A prompt, its judge spec and its token grid: a ShapesWorld T2I sample of `kind`, or for 'cell' one object at a named cell."
@@ -83,15 +83,15 @@ def make_pack(rng, kind: str, n: int, world: World, vocab: Vocab, bcfg, pc):
     return replace(b, padded_latent=unpatchify_latent(torch.stack([it["tokens"] for it in its]), 3, 3, p, C))
 
 def judge(items: list, sampled: list, world: World) -> dict:
-    "Pass rate, two-object reads and pair layouts of sampled token grids, by the ShapesWorld judge."
+    "Pass rate, two-object reads, pair layouts and failure reasons of sampled token grids, by the ShapesWorld judge."
     from bagel import shapesworld as sw
-    ok, two, lay = 0, 0, collections.Counter()
+    two, lay, why = 0, collections.Counter(), collections.Counter()
     for it, x in zip(items, sampled):
         objs = world.read(x)
-        ok += sw.spec_failure(it["spec"], objs) is None
+        why[sw.spec_failure(it["spec"], objs)] += 1      # None: passed
         two += len(objs) == 2
         lay[sw.pair_layout(it["spec"], objs) or "no_pair"] += 1
-    return {"items": len(items), "pass": ok, "two": two, "layouts": dict(lay)}
+    return {"items": len(items), "pass": why.pop(None, 0), "two": two, "layouts": dict(lay), "failures": dict(why)}
 
 def model_sampler(net, vocab: Vocab, shift: float, cfg_scale: float, num_timesteps: int = 30):
     "sample(item, seed) -> [9, dim]: the trained model's image for the item's prompt, text CFG against the empty context."
@@ -149,7 +149,7 @@ def main(argv=None):
         run = model_sampler(net, vocab, a.shift, scale)
         j = judge(items, [run(it, i) for i, it in enumerate(items)], world)
         rows.append([label, a.shift, a.steps, a.per_pack, round(train_s), round(sum(mse[-10:]) / len(mse[-10:]), 4), scale,
-                     j["items"], j["pass"], j["two"], ", ".join(f"{k} {v}" for k, v in sorted(j["layouts"].items()))])
+                     j["items"], j["pass"], j["two"], *(", ".join(f"{k} {v}" for k, v in sorted(j[c].items())) for c in ("layouts", "failures"))])
     report("Binding probe on a 3 x 3 grid of latent tokens (bench/probe_binding.py)", COLUMNS, rows,
            notes="CPU recipe model (BagelConfig.shapesworld); one token per cell, code(shape) + code(colour); "
                  f"{a.per_pack} samples a step, lr {a.lr}, WSD, EMA 0.995; 30 sampling steps; items judged by the "

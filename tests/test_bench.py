@@ -61,6 +61,7 @@ def test_probe_binding_reads_and_judges_grids(tmp_path):
     from bagel.model import BagelConfig
     from bagel.packing import PackConfig
     from bagel.vae import patchify_latent
+    from bagel import shapesworld as sw
     from bench.probe_binding import Vocab, World, item, judge, main, make_pack
     w, rng = World(64), random.Random(0)
     bc = BagelConfig.shapesworld()                     # a pack's latents hold each item's grid, cell i at token i
@@ -69,23 +70,30 @@ def test_probe_binding_reads_and_judges_grids(tmp_path):
     assert torch.equal(patchify_latent(pack.padded_latent, 2), torch.stack([item(r, "color_attr", w)["tokens"] for _ in range(3)]))
     for kind, want in (("color_attr", "bound"), ("position", "as_named")):
         its = [item(rng, kind, w) for _ in range(20)]
-        assert judge(its, [it["tokens"] for it in its], w) == {"items": 20, "pass": 20, "two": 20, "layouts": {want: 20}}
+        assert judge(its, [it["tokens"] for it in its], w) == {"items": 20, "pass": 20, "two": 20, "layouts": {want: 20}, "failures": {}}
     its = [item(rng, "color_attr", w) for _ in range(10)]
     def swapped(x):
         a, b = w.read(x)
         return w.tokens([replace(a, color=b.color), replace(b, color=a.color)])
-    assert judge(its, [swapped(it["tokens"]) for it in its], w) == {"items": 10, "pass": 0, "two": 10, "layouts": {"swapped": 10}}
+    assert judge(its, [swapped(it["tokens"]) for it in its], w) == {"items": 10, "pass": 0, "two": 10, "layouts": {"swapped": 10},
+                                                                   "failures": {"wrong_color": 10}}
     assert judge(its[:1], [torch.zeros(9, 64)], w)["layouts"] == {"no_pair": 1}    # nothing drawn
     its = [item(rng, "cell", w) for _ in range(20)]    # the control: one object where the prompt puts it, in words
     assert all(it["prompt"].split()[3] in ("in", "at", "on") for it in its) and len({it["spec"]["include"][0]["cell"] for it in its}) > 3
-    assert judge(its, [it["tokens"] for it in its], w) == {"items": 20, "pass": 20, "two": 0, "layouts": {"no_pair": 20}}
+    assert judge(its, [it["tokens"] for it in its], w) == {"items": 20, "pass": 20, "two": 0, "layouts": {"no_pair": 20}, "failures": {}}
     moved = [torch.roll(it["tokens"], 1, 0) for it in its]                        # every object one cell on
     assert judge(its, moved, w)["pass"] == 0
     its = [item(rng, "anchored", w) for _ in range(40)]  # position prompts, the second-named shape always in the center
-    assert judge(its, [it["tokens"] for it in its], w) == {"items": 40, "pass": 40, "two": 40, "layouts": {"as_named": 40}}
+    assert judge(its, [it["tokens"] for it in its], w) == {"items": 40, "pass": 40, "two": 40, "layouts": {"as_named": 40}, "failures": {}}
     second = [max((r["shape"] for r in it["spec"]["include"]), key=it["prompt"].split().index) for it in its]
     assert [w.read(it["tokens"][4:5])[0].shape for it in its] == second
     assert {it["spec"]["include"][0]["shape"] == sh for it, sh in zip(its, second)} == {True, False}   # either reference
+    its = [item(rng, "counting", w) for _ in range(20)]  # ShapesWorld's counting prompts: the true grids pass, one more fails
+    assert judge(its, [it["tokens"] for it in its], w)["pass"] == 20
+    def one_more(it):
+        objs = w.read(it["tokens"]); free = next(c for c in sw.CELLS if c not in {o.cell for o in objs})
+        return w.tokens(objs + [replace(objs[0], cell=free)])
+    assert judge(its, [one_more(it) for it in its], w)["failures"] == {"too_many": 20}
     rows = main(["--steps", "2", "--per-pack", "4", "--eval-n", "2", "--cfg", "1", "--results", str(tmp_path / "R.md")])
     assert rows[0][:3] == ["color_attr", 1.0, 2] and rows[0][7] == 2 and "Binding probe" in (tmp_path / "R.md").read_text()
     rows = main(["--steps", "1", "--per-pack", "4", "--eval-n", "1", "--cfg", "1", "--latent-rope", "raster", "--results", str(tmp_path / "R.md")])
