@@ -345,11 +345,15 @@ def test_bench_sampling_smoke_on_cpu(tmp_path):
         main(args)
     train_from_config(path)
     rows = main(args + ["--tasks", "t2i", "edit", "--cfg-text-scale", "1", "4", "--timestep-shift", "2"])
-    assert [r[1:5] for r in rows] == [[1.0, 2.0, 3, 6], [4.0, 2.0, 3, 6]]        # 4 prompts + 2 edits per setting
-    assert all(0 <= v <= 1 for r in rows for v in r[6:]) and len(rows[0]) == 8    # t2i and edit scores
+    assert [r[1:6] for r in rows] == [[1.0, 2.0, 3, [0.4, 1.0], 6], [4.0, 2.0, 3, [0.4, 1.0], 6]]   # 4 prompts + 2 edits per setting
+    assert all(0 <= v <= 1 for r in rows for v in r[7:]) and len(rows[0]) == 9    # t2i and edit scores
     assert "under sampling settings" in (tmp_path / "R.md").read_text()
     rows = main(args + ["--tasks", "t2i", "edit", "--set", "bench_n=2"])          # the config's overrides, as given to the run
-    assert [r[4] for r in rows] == [3]                                            # 2 prompts + 1 edit
+    assert [r[5] for r in rows] == [3]                                            # 2 prompts + 1 edit
+    rows = main(args + ["--cfg-interval-start", "0", "0.5", "--per-category"])   # guidance from t = 0 or 0.5; a column per kind
+    assert [r[4] for r in rows] == [[0.0, 1.0], [0.5, 1.0]] and len(rows[0]) > 8
+    header = [l for l in (tmp_path / "R.md").read_text().splitlines() if l.startswith("| config |")][-1]
+    assert "| cfg_interval |" in header and "| t2i/" in header
 
 @pytest.mark.slow
 def test_compiled_layers_match_eager_on_changing_packs(tmp_path):
