@@ -1,5 +1,5 @@
-"""Shared helpers of the benchmarks: the device's name, timing, and the one-table report."""
-import datetime, os, platform, subprocess, time
+"""Shared helpers of the benchmarks: the device's name, timing, the one-table report, and command-line values."""
+import argparse, datetime, os, platform, subprocess, time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -64,6 +64,13 @@ def timeit(fn, warmup: int = 2, iters: int = 5) -> float:
     "Median seconds of `fn()` after `warmup` calls, device synchronised around each call."
     t = times(fn, warmup, iters)
     return t[len(t) // 2]
+
+def interval(text: str) -> tuple:
+    "A CFG interval from the command line: 'START,END' with 0 <= START < END <= 1 -> (START, END)."
+    try: a, b = (float(v) for v in text.split(","))
+    except ValueError: raise argparse.ArgumentTypeError(f"{text!r}: give a CFG interval as START,END, e.g. 0.4,1") from None
+    if not 0 <= a < b <= 1: raise argparse.ArgumentTypeError(f"{text!r}: a CFG interval needs 0 <= START < END <= 1")
+    return (a, b)
 
 def _git_commit() -> str:
     if os.environ.get("BAGEL_COMMIT"): return os.environ["BAGEL_COMMIT"]  # set when the tree travels without .git

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-COLUMNS = ["kind", "timestep shift", "steps", "samples/step", "train s", "final mse", "cfg", "items", "pass", "two objects read", "pair layouts", "failures"]
+COLUMNS = ["kind", "timestep shift", "steps", "samples/step", "train s", "final mse", "cfg", "cfg interval", "items", "pass", "two objects read", "pair layouts", "failures"]
 
 class World:
     "Fixed random codes, one per shape and per colour, in the model's latent-token width `dim`."
@@ -93,10 +93,10 @@ def judge(items: list, sampled: list, world: World) -> dict:
         lay[sw.pair_layout(it["spec"], objs) or "no_pair"] += 1
     return {"items": len(items), "pass": why.pop(None, 0), "two": two, "layouts": dict(lay), "failures": dict(why)}
 
-def model_sampler(net, vocab: Vocab, shift: float, cfg_scale: float, num_timesteps: int = 30):
+def model_sampler(net, vocab: Vocab, shift: float, cfg_scale: float, num_timesteps: int = 30, cfg_interval: tuple = (0.0, 1.0)):
     "sample(item, seed) -> [9, dim]: the trained model's image for the item's prompt, text CFG against the empty context."
     from bagel.sampling import Branch, SamplingConfig, sample
-    sc = SamplingConfig(num_timesteps=num_timesteps, timestep_shift=shift, cfg_interval=(0.0, 1.0))
+    sc = SamplingConfig(num_timesteps=num_timesteps, timestep_shift=shift, cfg_interval=cfg_interval)
     vel = lambda ctxs, xs, t: net.velocity(ctxs, xs, t, [(3, 3)] * len(xs))
     def run(it: dict, seed: int) -> torch.Tensor:
         ctx = net.new_context(); net.extend_text([ctx], [net.text_block(vocab(it["prompt"]))])
@@ -110,7 +110,7 @@ def main(argv=None):
     from bagel.model import BagelConfig
     from bagel.packing import PackConfig
     from bagel.train import EMA, TrainConfig, build_model, make_optimizer, model_config, train_step
-    from bench.common import RESULTS, report
+    from bench.common import RESULTS, interval, report
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", choices=KINDS, default="color_attr",
                     help="cell: one object at a cell the prompt names (absolute place, the control for position); "
@@ -120,6 +120,8 @@ def main(argv=None):
     ap.add_argument("--shift", type=float, default=1.0, help="timestep shift in training and sampling")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 4.0], help="text CFG scales to sample with")
+    ap.add_argument("--cfg-interval", type=interval, nargs="+", default=[(0.0, 1.0)], metavar="START,END",
+                    help="the t ranges that guidance acts on (t = 1: noise), each sampled with every --cfg above 1")
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--latent-rope", choices=("shared", "raster"), default="shared",
                     help="RoPE of the latent tokens (BagelConfig.latent_rope): BAGEL's one position per image, or one per token")
@@ -145,10 +147,11 @@ def main(argv=None):
     erng = random.Random(10_000 + a.seed)                # held-out draws: another stream than training's
     items = [item(erng, a.kind, world) for _ in range(a.eval_n)]
     rows, label = [], a.kind if a.latent_rope == "shared" else f"{a.kind} (latent_rope {a.latent_rope})"
-    for scale in a.cfg:
-        run = model_sampler(net, vocab, a.shift, scale)
+    for scale, span in [(s, p) for s in a.cfg for p in (a.cfg_interval if s > 1 else a.cfg_interval[:1])]:
+        run = model_sampler(net, vocab, a.shift, scale, cfg_interval=span)
         j = judge(items, [run(it, i) for i, it in enumerate(items)], world)
         rows.append([label, a.shift, a.steps, a.per_pack, round(train_s), round(sum(mse[-10:]) / len(mse[-10:]), 4), scale,
+                     list(span) if scale > 1 else "",
                      j["items"], j["pass"], j["two"], *(", ".join(f"{k} {v}" for k, v in sorted(j[c].items())) for c in ("layouts", "failures"))])
     report("Binding probe on a 3 x 3 grid of latent tokens (bench/probe_binding.py)", COLUMNS, rows,
            notes="CPU recipe model (BagelConfig.shapesworld); one token per cell, code(shape) + code(colour); "

@@ -95,7 +95,10 @@ def test_probe_binding_reads_and_judges_grids(tmp_path):
         return w.tokens(objs + [replace(objs[0], cell=free)])
     assert judge(its, [one_more(it) for it in its], w)["failures"] == {"too_many": 20}
     rows = main(["--steps", "2", "--per-pack", "4", "--eval-n", "2", "--cfg", "1", "--results", str(tmp_path / "R.md")])
-    assert rows[0][:3] == ["color_attr", 1.0, 2] and rows[0][7] == 2 and "Binding probe" in (tmp_path / "R.md").read_text()
+    assert rows[0][:3] == ["color_attr", 1.0, 2] and rows[0][8] == 2 and "Binding probe" in (tmp_path / "R.md").read_text()
+    rows = main(["--steps", "1", "--per-pack", "4", "--eval-n", "1", "--cfg", "1", "4", "--cfg-interval", "0,1", "0.4,1",
+                 "--results", str(tmp_path / "R.md")])       # an interval only where there is guidance
+    assert [r[6:8] for r in rows] == [[1.0, ""], [4.0, [0.0, 1.0]], [4.0, [0.4, 1.0]]]
     rows = main(["--steps", "1", "--per-pack", "4", "--eval-n", "1", "--cfg", "1", "--latent-rope", "raster", "--results", str(tmp_path / "R.md")])
     assert rows[0][0] == "color_attr (latent_rope raster)"
 

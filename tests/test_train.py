@@ -350,8 +350,10 @@ def test_bench_sampling_smoke_on_cpu(tmp_path):
     assert "under sampling settings" in (tmp_path / "R.md").read_text()
     rows = main(args + ["--tasks", "t2i", "edit", "--set", "bench_n=2"])          # the config's overrides, as given to the run
     assert [r[5] for r in rows] == [3]                                            # 2 prompts + 1 edit
-    rows = main(args + ["--cfg-interval-start", "0", "0.5", "--per-category"])   # guidance from t = 0 or 0.5; a column per kind
-    assert [r[4] for r in rows] == [[0.0, 1.0], [0.5, 1.0]] and len(rows[0]) > 8
+    rows = main(args + ["--cfg-interval", "0,1", "0,0.5", "--per-category"])   # guidance over all t or the low-noise half; a column per kind
+    assert [r[4] for r in rows] == [[0.0, 1.0], [0.0, 0.5]] and len(rows[0]) > 8
+    for bad in ("0.4", "0.6,0.4", "a,1"):
+        with pytest.raises(SystemExit): main(args + ["--cfg-interval", bad])
     header = [l for l in (tmp_path / "R.md").read_text().splitlines() if l.startswith("| config |")][-1]
     assert "| cfg_interval |" in header and "| t2i/" in header
 
