@@ -21,7 +21,7 @@ COLUMNS = ["config", "cfg_text_scale", "timestep_shift", "num_timesteps", "cfg_i
 def main(argv=None):
     from bagel.eval import EvalSettings, ShapesWorldBench, run
     from bagel.recipe import RecipeConfig, _inferencer
-    from bench.common import RESULTS, interval, report, sync
+    from bench.common import RESULTS, guided_settings, interval, report, sync
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=Path("configs/shapesworld_gpu.yaml"))
     ap.add_argument("--model-dir", type=Path, default=None, help="the exported model (default: the config's out/model)")
@@ -45,10 +45,10 @@ def main(argv=None):
     inf = _inferencer(model_dir, cfg)
     bench = ShapesWorldBench(n=a.n or cfg.bench_n, seed=cfg.seed, size=cfg.size, tasks=tuple(a.tasks), vit_size=cfg.vit_size)
     d = EvalSettings()
-    grid = list(itertools.product(a.cfg_text_scale or [cfg.cfg_text_scale], a.timestep_shift or [cfg.timestep_shift],
-                                  a.num_timesteps or [cfg.num_timesteps], a.cfg_interval or [d.cfg_interval]))
+    guided = guided_settings(a.cfg_text_scale or [cfg.cfg_text_scale], a.cfg_interval or [d.cfg_interval])
+    grid = itertools.product(guided, a.timestep_shift or [cfg.timestep_shift], a.num_timesteps or [cfg.num_timesteps])
     rows, tags, n_items = [], [], len(bench.items())
-    for scale, shift, steps, span in grid:
+    for (scale, span), shift, steps in grid:
         out = Path(tempfile.mkdtemp(prefix="bench_sampling_"))
         settings = {"cfg_text_scale": scale, "timestep_shift": shift, "num_timesteps": steps, "cfg_interval": span}
         try:
@@ -59,7 +59,7 @@ def main(argv=None):
             shutil.rmtree(out, ignore_errors=True)
         m = s["metrics"]
         if not tags: tags = [k for k in m if ("/" not in k or a.per_category) and k != "overall"]
-        rows.append([a.config.name, scale, shift, steps, list(span), n_items, round(secs, 1)]
+        rows.append([a.config.name, scale, shift, steps, list(span) if scale > 1 else "", n_items, round(secs, 1)]
                     + [round(m.get(k, float("nan")), 3) for k in tags])
         print(rows[-1], flush=True)
     report("ShapesWorld-Bench under sampling settings (one trained model)", COLUMNS + tags, rows,

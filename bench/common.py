@@ -72,6 +72,10 @@ def interval(text: str) -> tuple:
     if not 0 <= a < b <= 1: raise argparse.ArgumentTypeError(f"{text!r}: a CFG interval needs 0 <= START < END <= 1")
     return (a, b)
 
+def guided_settings(scales: list, spans: list) -> list:
+    "(scale, interval) pairs to sample: every interval for a guided scale (> 1), one (the first) for an unguided one."
+    return [(s, p) for s in scales for p in (spans if s > 1 else spans[:1])]
+
 def _git_commit() -> str:
     if os.environ.get("BAGEL_COMMIT"): return os.environ["BAGEL_COMMIT"]  # set when the tree travels without .git
     try:

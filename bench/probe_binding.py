@@ -107,10 +107,10 @@ def model_sampler(net, vocab: Vocab, shift: float, cfg_scale: float, num_timeste
 
 def main(argv=None):
     from bagel.distributed import make_mesh
-    from bagel.model import BagelConfig
+    from bagel.model import LATENT_ROPES, BagelConfig
     from bagel.packing import PackConfig
     from bagel.train import EMA, TrainConfig, build_model, make_optimizer, model_config, train_step
-    from bench.common import RESULTS, interval, report
+    from bench.common import RESULTS, guided_settings, interval, report
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", choices=KINDS, default="color_attr",
                     help="cell: one object at a cell the prompt names (absolute place, the control for position); "
@@ -123,7 +123,7 @@ def main(argv=None):
     ap.add_argument("--cfg-interval", type=interval, nargs="+", default=[(0.0, 1.0)], metavar="START,END",
                     help="the t ranges that guidance acts on (t = 1: noise), each sampled with every --cfg above 1")
     ap.add_argument("--eval-n", type=int, default=200)
-    ap.add_argument("--latent-rope", choices=("shared", "raster"), default="shared",
+    ap.add_argument("--latent-rope", choices=LATENT_ROPES, default="shared",
                     help="RoPE of the latent tokens (BagelConfig.latent_rope): BAGEL's one position per image, or one per token")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
@@ -147,7 +147,7 @@ def main(argv=None):
     erng = random.Random(10_000 + a.seed)                # held-out draws: another stream than training's
     items = [item(erng, a.kind, world) for _ in range(a.eval_n)]
     rows, label = [], a.kind if a.latent_rope == "shared" else f"{a.kind} (latent_rope {a.latent_rope})"
-    for scale, span in [(s, p) for s in a.cfg for p in (a.cfg_interval if s > 1 else a.cfg_interval[:1])]:
+    for scale, span in guided_settings(a.cfg, a.cfg_interval):
         run = model_sampler(net, vocab, a.shift, scale, cfg_interval=span)
         j = judge(items, [run(it, i) for i, it in enumerate(items)], world)
         rows.append([label, a.shift, a.steps, a.per_pack, round(train_s), round(sum(mse[-10:]) / len(mse[-10:]), 4), scale,

@@ -334,7 +334,7 @@ def test_recipe_reuses_data_and_base_only_when_made_with_the_same_settings(tmp_p
     (base / "DONE").write_text("ok\n")                   # made before settings were recorded: reused unchecked
     assert make_base_dir(replace(cfg, vae_weights=None), log=None) == base
 
-def test_bench_sampling_smoke_on_cpu(tmp_path):
+def test_bench_sampling_smoke_on_cpu(tmp_path, capsys):
     "bench/bench_sampling.py: one exported recipe model scored per sampling setting, one table appended; no model, a clear error."
     from bagel.cli import train_from_config
     sys.path.insert(0, str(ROOT))
@@ -345,17 +345,20 @@ def test_bench_sampling_smoke_on_cpu(tmp_path):
         main(args)
     train_from_config(path)
     rows = main(args + ["--tasks", "t2i", "edit", "--cfg-text-scale", "1", "4", "--timestep-shift", "2"])
-    assert [r[1:6] for r in rows] == [[1.0, 2.0, 3, [0.4, 1.0], 6], [4.0, 2.0, 3, [0.4, 1.0], 6]]   # 4 prompts + 2 edits per setting
+    assert [r[1:6] for r in rows] == [[1.0, 2.0, 3, "", 6], [4.0, 2.0, 3, [0.4, 1.0], 6]]   # 4 prompts + 2 edits per setting
     assert all(0 <= v <= 1 for r in rows for v in r[7:]) and len(rows[0]) == 9    # t2i and edit scores
     assert "under sampling settings" in (tmp_path / "R.md").read_text()
     rows = main(args + ["--tasks", "t2i", "edit", "--set", "bench_n=2"])          # the config's overrides, as given to the run
     assert [r[5] for r in rows] == [3]                                            # 2 prompts + 1 edit
     rows = main(args + ["--cfg-interval", "0,1", "0,0.5", "--per-category"])   # guidance over all t or the low-noise half; a column per kind
     assert [r[4] for r in rows] == [[0.0, 1.0], [0.0, 0.5]] and len(rows[0]) > 8
-    for bad in ("0.4", "0.6,0.4", "a,1"):
-        with pytest.raises(SystemExit): main(args + ["--cfg-interval", bad])
     header = [l for l in (tmp_path / "R.md").read_text().splitlines() if l.startswith("| config |")][-1]
     assert "| cfg_interval |" in header and "| t2i/" in header
+    rows = main(args + ["--cfg-text-scale", "1", "4", "--cfg-interval", "0,1", "0,0.5"])   # unguided: sampled once
+    assert [[r[1], r[4]] for r in rows] == [[1.0, ""], [4.0, [0.0, 1.0]], [4.0, [0.0, 0.5]]]
+    for bad, why in (("0.4", "as START,END"), ("0.6,0.4", "0 <= START < END <= 1"), ("a,1", "as START,END")):
+        with pytest.raises(SystemExit): main(args + ["--cfg-interval", bad])
+        assert why in capsys.readouterr().err
 
 @pytest.mark.slow
 def test_compiled_layers_match_eager_on_changing_packs(tmp_path):
