@@ -468,10 +468,10 @@ def _flash(q, k, v, plan: AttnPlan) -> Tensor:
                                   softmax_scale=q.shape[-1] ** -0.5, causal=kinds == {"causal"})
 
 # %% ../nbs/00_core_mot.ipynb #cf87c45e
-GROUP_TOKENS = 1024  # `grouped` backend: keys per group (a longer sequence gets a group of its own length)
+GROUP_TOKENS: int | None = None  # `grouped` backend: keys per group; None: per plan, the cap that pads least (group_target)
 
 @patch
-def groups(self: AttnPlan, target: int = GROUP_TOKENS) -> tuple:
+def groups(self: AttnPlan, target: int) -> tuple:
     "Consecutive whole sequences gathered greedily into groups of at most max(`target`, longest sequence) keys."
     key = ("groups", target)
     if key not in self._memo:
@@ -484,6 +484,20 @@ def groups(self: AttnPlan, target: int = GROUP_TOKENS) -> tuple:
     return self._memo[key]
 
 def _round_up(n: int, m: int = 16) -> int: return -(-n // m) * m
+
+@patch
+def group_target(self: AttnPlan) -> int:
+    "The group cap of least padded area (groups x Lq x Lk): the longest sequence times 1, 1.25, 1.5, 2 or 4."
+    # Every pair of a group is computed, masked or not: groups of ~1024 keys over ~100-token training samples spent
+    # ~10x the useful pairs; the longest sequence's length spends ~2.7x (a ShapesWorld 64k-token pack: 20M pairs, not 71M).
+    if "group_target" not in self._memo:
+        longest = max(a + b for a, b in zip(self.kv_lens, self.q_lens))
+        def area(cap: int) -> int:
+            gs = self.groups(cap)
+            L = lambda cu: _round_up(max(cu[g[-1] + 1] - cu[g[0]] for g in gs))
+            return len(gs) * L(self.cu_q) * L(self.cu_k)
+        self._memo["group_target"] = min((int(longest * f) for f in (1, 1.25, 1.5, 2, 4)), key=area)
+    return self._memo["group_target"]
 
 def _rows(x: Tensor, idx: Tensor, ok: Tensor | None = None) -> Tensor:  # x[idx] along dim 0; rows where ok is False are 0
     y = x.index_select(0, idx)
@@ -548,9 +562,9 @@ def _group_layout(plan: AttnPlan, device, target: int) -> _GroupLayout:
                                          (len(gs), Lq), (len(gs), Lk), mask[:, None], inv, k_inv)
     return out
 
-def _grouped(q, k, v, plan: AttnPlan, target: int = GROUP_TOKENS) -> Tensor:
+def _grouped(q, k, v, plan: AttnPlan, target: int | None = None) -> Tensor:
     "Sequences gathered into padded groups: one masked SDPA call over [groups, h, L, d], no loop, no compile."
-    G = _group_layout(plan, q.device, target)
+    G = _group_layout(plan, q.device, target or GROUP_TOKENS or plan.group_target())
     gather = lambda t, rows, ok, back, shape: take_rows(t, rows, ok, back).unflatten(0, shape).transpose(1, 2)  # [g, h, L, d]
     qg = gather(q, G.q_rows, G.q_ok, G.inv, G.q_shape)
     kg, vg = (gather(t, G.k_rows, G.k_ok, G.k_inv, G.k_shape) for t in (k, v))

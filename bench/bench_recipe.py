@@ -76,6 +76,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per pack (expected = max; default: the config's)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--group-tokens", type=int, default=None,
+                    help="attn_backend grouped: keys per group (bagel.mot.GROUP_TOKENS; default: chosen per pack)")
     ap.add_argument("--no-sort", action="store_true", help="route tokens per routing point (gathers) instead of sorting them by expert once")
     ap.add_argument("--data-only", action="store_true", help="time the data pipeline only (no model, no table row)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -90,6 +92,9 @@ def main(argv=None):
     from bagel.distributed import init_distributed, is_dist
     _, world = init_distributed()        # under torchrun (e.g. one process and FULL_SHARD: FSDP2's bf16 parameters)
     cfg = RecipeConfig.from_yaml(a.config, a.overrides)
+    if a.group_tokens:
+        import bagel.mot
+        bagel.mot.GROUP_TOKENS = a.group_tokens
     workers = cfg.num_workers if a.workers is None else a.workers
     out = a.out or Path(tempfile.mkdtemp(prefix="bench_recipe-"))
     cfg = replace(cfg, out=str(out), n_t2i=a.samples, n_edit=a.samples // 2, n_vlm=a.samples, num_workers=workers)
@@ -104,7 +109,8 @@ def main(argv=None):
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
     launch = [f"(torchrun, {world} process{'es' * (world > 1)})"] if is_dist() else []
-    row = [" ".join([a.config.name, *a.overrides, *launch]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
+    knobs = [f"--group-tokens {a.group_tokens}"] if a.group_tokens else []
+    row = [" ".join([a.config.name, *a.overrides, *knobs, *launch]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]
     report("ShapesWorld recipe: data pipeline vs device step", COLUMNS, [row],
