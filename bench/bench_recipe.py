@@ -3,10 +3,12 @@
 (1) data: packs per second that a DataLoader with `--workers` processes delivers (read parquet/jsonl, decode PNGs,
 transform, tokenise, pack), after warm-up; (2) step: seconds per optimizer step of the recipe's model on packs held in
 memory (VAE encode + forward_train + backward + clip + AdamW + EMA), after the compile warm-up. Training runs at the
-slower of the two. `--profile` adds a torch.profiler table of the step (top ops by device and by host time).
+slower of the two, or slower still where both contend for the host's cores: `--live` times the step as training
+runs it, fed by the DataLoader while its workers pack. `--profile` adds a torch.profiler table of the step (top ops by device and by host time).
 
     python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --workers 12          # one GPU
     python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --tokens 16384          # smaller packs
+    python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --live --steps 150      # beside the workers
     python -m bench.bench_recipe --config configs/shapesworld_cpu.yaml --workers 0 --steps 2  # CPU smoke run
 """
 import argparse, itertools, tempfile, time
@@ -28,8 +30,8 @@ def data_rate(cfg, mix, tok, n: int) -> tuple:  # -> (packs/s, tokens/s, packs)
     dt = time.perf_counter() - t0
     return n / dt, sum(sum(b.sample_lens) for b in got) / dt, keep + got
 
-def step_time(cfg, packs: list, steps: int, profile: bool, sort: bool = True) -> dict:
-    "Seconds per optimizer step over packs held in memory (cycled), after 3 warm-up steps."
+def step_time(cfg, packs: list, steps: int, profile: bool, sort: bool = True, live=None) -> dict:
+    "Seconds per optimizer step over packs held in memory (cycled), or as `live` (a DataLoader) yields them, after 3 warm-up steps."
     from bagel.train import EMA, build_model, make_optimizer, model_config, train_step
     from bagel.distributed import make_mesh
     from bagel.testing import init_random_
@@ -44,16 +46,19 @@ def step_time(cfg, packs: list, steps: int, profile: bool, sort: bool = True) ->
     opt, sched = make_optimizer(net, tcfg); ema = EMA(net, tcfg.ema)
     gen = torch.Generator(dev).manual_seed(0)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cycle = itertools.cycle(packs)
-    fresh = lambda: replace(next(cycle), padded_latent=None)          # every step encodes its images, as training does
+    source, wait = (live if live is not None else itertools.cycle(packs)), [0.0]
+    def fresh():                                                       # every step encodes its images, as training does
+        t = time.perf_counter(); b = next(source); wait[0] += time.perf_counter() - t
+        return replace(b, padded_latent=None)
     t0 = time.perf_counter()
     for i in range(3):
         t1 = time.perf_counter(); train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae); sync()
         print(f"  warm-up step {i}: {time.perf_counter() - t1:.2f} s", flush=True)
     warm = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t1, wait[0] = time.perf_counter(), 0.0
     for _ in range(steps): train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae, sync=False)  # as the loop runs
     sync(); dt = (time.perf_counter() - t1) / steps
+    data_wait = wait[0] / (dt * steps)
     print(f"step: {dt:.4f} s/step over {steps} steps (no host sync between steps, as in training)", flush=True)
     if cuda: print(f"  host syncs inside one step: {sync_sites(lambda: train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae, sync=False))}")
     table = None
@@ -61,7 +66,7 @@ def step_time(cfg, packs: list, steps: int, profile: bool, sort: bool = True) ->
         from bench.common import op_tables
         def three(): [train_step(net, opt, sched, ema, [fresh()], tcfg, gen, vae) for _ in range(3)]
         table = op_tables(three, ("cuda_time_total", "self_cpu_time_total"), rows=18)
-    return dict(step_s=dt, warmup_s=warm, params=sum(p.numel() for p in net.parameters()), table=table,
+    return dict(step_s=dt, data_wait=data_wait, warmup_s=warm, params=sum(p.numel() for p in net.parameters()), table=table,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 COLUMNS = ["config", "experts", "model params", "tokens/pack", "samples/pack", "data workers", "data packs/s", "step s",
@@ -76,6 +81,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per pack (expected = max; default: the config's)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--live", action="store_true", help="steps fed by the DataLoader as training runs (its workers packing beside "
+                    "the step, this process's threads capped as in training) instead of packs held in memory; use --steps well "
+                    "above the prefetched packs (4 per worker)")
     ap.add_argument("--group-tokens", type=int, default=None,
                     help="attn_backend grouped: keys per group (bagel.mot.GROUP_TOKENS; default: chosen per pack)")
     ap.add_argument("--no-sort", action="store_true", help="route tokens per routing point (gathers) instead of sorting them by expert once")
@@ -105,11 +113,16 @@ def main(argv=None):
     dps, tps, packs = data_rate(cfg, mix, tok, a.packs)
     print(f"data: {dps:.2f} packs/s, {tps:,.0f} tokens/s with {workers} workers", flush=True)
     if a.data_only: return None
-    s = step_time(cfg, packs[:8], a.steps, a.profile, not a.no_sort)
+    live = None
+    if a.live:
+        from bagel.recipe import _share_cores, packed_data
+        _share_cores(workers)
+        live = iter(packed_data(cfg, mix, tok))
+    s = step_time(cfg, packs[:8], a.steps, a.profile, not a.no_sort, live)
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
     launch = [f"(torchrun, {world} process{'es' * (world > 1)})"] if is_dist() else []
-    knobs = [f"--group-tokens {a.group_tokens}"] if a.group_tokens else []
+    knobs = [f"--group-tokens {a.group_tokens}"] * bool(a.group_tokens) + [f"--live ({100 * s['data_wait']:.0f}% waiting for data)"] * a.live
     row = [" ".join([a.config.name, *a.overrides, *knobs, *launch]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]

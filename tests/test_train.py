@@ -1,6 +1,6 @@
 """bagel.train + bagel.distributed: a 2-process FSDP step equals the 1-process step, SIGKILL + resume repeats the
 uninterrupted run, a 2-process checkpoint resumes on 1 process and exports, losses by hand, freezing, real data."""
-import json, math, os, shutil, signal, subprocess, sys
+import json, math, os, re, shutil, signal, subprocess, sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -248,6 +248,10 @@ def test_bench_speed_and_recipe_smoke_on_cpu(tmp_path):
                        "--set", "train.max_grad_norm=0.5"])
     assert row[:2] == ["shapesworld_cpu.yaml train.max_grad_norm=0.5", "sorted"] and row[3] == 800 and row[-3] in ("data", "device")
     assert "data pipeline vs device step" in (tmp_path / "R.md").read_text()
+    live = recipe_main(["--config", str(ROOT / "configs" / "shapesworld_cpu.yaml"), "--workers", "0", "--samples", "600",
+                        "--packs", "2", "--steps", "2", "--tokens", "800", "--out", str(tmp_path / "r"), "--results", str(tmp_path / "R.md"),
+                        "--live"])      # steps fed by the data pipeline: the row says how much of the time waited for it
+    assert re.fullmatch(r"shapesworld_cpu\.yaml --live \(\d+% waiting for data\)", live[0]), live[0]
 
 def test_bench_vae_smoke_on_cpu(tmp_path):
     "bench/bench_vae.py on the CPU config: a fresh VAE per step count, scored by the judge's round trip, one table appended."
