@@ -4,7 +4,7 @@
 
 # %% ../nbs/36_shapesworld_recipe.ipynb #c6809a37
 from __future__ import annotations
-import copy, functools, json, os, re, time
+import copy, json, os, re, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -65,8 +65,6 @@ class RecipeConfig:
     cfg_text_scale: float = 4.0
     timestep_shift: float = 1.0       # sampling shift; 1 matches the training draw of t (train.timestep_shift 1) at 16 tokens/image
     num_workers: int = 0              # DataLoader worker processes reading and packing (0: in the training process)
-    worker_nice: int = 10             # the workers' niceness (0-19): the training process's host thread, which a GPU step
-                                      # waits on, takes a core before them; their prefetch queue covers the wait
     text_cond_dropout_prob: float = 0.1   # CFG condition dropout of the packer (bagel.packing.PackConfig; trainer defaults)
     vit_cond_dropout_prob: float = 0.3
     vae_cond_dropout_prob: float = 0.3
@@ -84,8 +82,6 @@ class RecipeConfig:
         self.mix_weights = check_mix_weights(self.mix_weights, "mix_weights")
         check_tag_weights(self.t2i_tag_weights)
         self.vlm_caption_share = check_share(self.vlm_caption_share, "vlm_caption_share")
-        if not (isinstance(self.worker_nice, int) and 0 <= self.worker_nice <= 19):
-            raise ValueError(f"worker_nice must be an int in 0..19 (os.nice increments; 0 leaves the workers' priority), got {self.worker_nice!r}")
 
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "RecipeConfig":
@@ -226,12 +222,8 @@ def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_si
     for g, w in zip(("t2i_pretrain", "unified_edit", "vlm_sft"), cfg.mix_weights): dm.groups[g].weight = w  # the config's, not the file's
     ds = PackedDataset(dm, tokenizer, pack, rank=rank, world_size=world_size, data_seed=tcfg.data_seed)
     # on a GPU the pin thread pins each pack, so the step's host-to-device copies neither copy nor block
-    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=functools.partial(_lower_priority, cfg.worker_nice)) if cfg.num_workers else ds
-
-def _lower_priority(nice: int, worker_id: int):
-    "DataLoader `worker_init_fn`: this worker's priority lowered by `nice` (the training process keeps its own)."
-    if nice and hasattr(os, "nice"): os.nice(nice)
+    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4,
+                      pin_memory=torch.cuda.is_available()) if cfg.num_workers else ds
 
 def _share_cores(num_workers: int, log=print):
     "Cap this process's intra-op threads at the cores that `num_workers` busy DataLoader workers leave free (as torchrun's OMP_NUM_THREADS=1)."
