@@ -10,13 +10,8 @@ placing two objects and binding their attributes, in minutes on a CPU. `--kind c
 one object at a cell the prompt names ("a red circle in the top left corner"), placed from the words alone.
 `--kind anchored` keeps the position prompts but always puts their second-named shape in the center, so the words
 alone decide where the other shape goes, without one token having to find where another object stands.
-`--world drawn` puts the ShapesWorld pixels back: each scene is rendered at 96 px and encoded by the ShapesWorld VAE
-(a latent patch of 4: still one token per cell, now 256 values of a drawn shape), and a sampled grid is decoded and
-parsed as the judge reads generated images. Codes against drawn latents, same model and steps, says whether drawing is
-what the GPU runs' binding failures come from. Encoding is slow on a CPU, so a pool of scenes is encoded once.
 
     python -m bench.probe_binding --kind color_attr --steps 1000 --shift 4      # ~11 min on 2 cores
-    python -m bench.probe_binding --kind color_attr --steps 1000 --shift 4 --world drawn --latent-rope raster
 """
 import argparse, collections, random, time
 from dataclasses import replace
@@ -58,32 +53,6 @@ class Vocab:
         if max(out) >= self.size: raise ValueError(f"the probe's prompts need more than the model's {self.size} token ids")
         return out
 
-class Drawn:
-    "ShapesWorld's own pixels instead of codes: scenes rendered and VAE-encoded (a latent token per grid cell at 96 px, patch 4), read back decoded and parsed."
-    def __init__(self, vae, patch: int, size: int = 96):
-        self.vae, self.p, self.size, self.dim = vae.eval(), patch, size, patch * patch * vae.cfg.z_channels
-
-    def tokens(self, objects) -> torch.Tensor:  # -> the render [3, size, size] in [-1, 1]; `encode` turns items' renders into tokens
-        from bagel import shapesworld as sw
-        from bagel.transforms import pil_to_tensor
-        return pil_to_tensor(sw.render(sw.Scene(objects), self.size))
-
-    @torch.no_grad()
-    def encode(self, items: list, batch: int = 96) -> list:
-        "Each item's render replaced by its latent tokens [9, dim] (the posterior mean), in place; returns `items`."
-        from bagel.vae import patchify_latent
-        for i in range(0, len(items), batch):
-            z = self.vae.encode(torch.stack([it["tokens"] for it in items[i:i + batch]]), sample=False)
-            for it, t in zip(items[i:i + batch], patchify_latent(z, self.p)): it["tokens"] = t
-        return items
-
-    @torch.no_grad()
-    def read(self, tokens: torch.Tensor) -> list:  # [9, dim] -> the objects the judge parses from the decoded image
-        from bagel import shapesworld as sw
-        from bagel.vae import to_pil, to_uint8, unpatchify_latent
-        z = unpatchify_latent(tokens.float(), 3, 3, self.p, self.vae.cfg.z_channels)[None]
-        return sw.parse(to_pil(to_uint8(self.vae.decode(z)[0])))
-
 KINDS = ("color_attr", "position", "cell", "anchored", "counting", "two_object")   # the last two: as in ShapesWorld
 
 def item(rng: random.Random, kind: str, world: World) -> dict:
@@ -102,12 +71,12 @@ def item(rng: random.Random, kind: str, world: World) -> dict:
         objects = [a, replace(b, cell=rng.choice([c for c in sw.CELLS if c != "center" and fits(c)]))]
     return {"prompt": prompt, "spec": s["spec"], "tokens": world.tokens(objects)}
 
-def make_pack(rng, kind: str, n: int, world: World, vocab: Vocab, bcfg, pc, pool: list | None = None):
-    "One packed batch of n T2I samples (fresh, or drawn from `pool`), its latents set directly (no VAE encode)."
+def make_pack(rng, kind: str, n: int, world: World, vocab: Vocab, bcfg, pc):
+    "One packed batch of n T2I samples, its latents set directly (no VAE encode)."
     from bagel.packing import PlanItem, Sample, pack_samples
     from bagel.vae import unpatchify_latent
     side = 3 * bcfg.latent_downsample
-    its = rng.sample(pool, n) if pool else [item(rng, kind, world) for _ in range(n)]
+    its = [item(rng, kind, world) for _ in range(n)]
     b = pack_samples([Sample([PlanItem("text", ids=vocab(it["prompt"]), enable_cfg=True),
                               PlanItem("vae_image", image=torch.zeros(3, side, side), loss=True)], "probe") for it in its], pc)
     p, C = bcfg.latent_patch_size, bcfg.vae.z_channels          # cell i is token i of the 3 x 3 latent grid
@@ -156,49 +125,28 @@ def main(argv=None):
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--latent-rope", choices=LATENT_ROPES, default="shared",
                     help="RoPE of the latent tokens (BagelConfig.latent_rope): BAGEL's one position per image, or one per token")
-    ap.add_argument("--world", choices=("codes", "drawn"), default="codes",
-                    help="codes: code(shape) + code(colour) per cell; drawn: the rendered scene through the ShapesWorld VAE "
-                         "(96 px, latent patch 4), read back by decoding and the judge's parser")
-    ap.add_argument("--vae", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "shapesworld_vae_96px.safetensors",
-                    help="--world drawn: the VAE weights (BagelConfig.shapesworld's VAE)")
-    ap.add_argument("--pool", type=int, default=9600, help="--world drawn: scenes encoded once and sampled from (encoding is slow on a CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.per_pack < 1 or a.eval_n < 1: raise SystemExit("--steps, --per-pack and --eval-n must be >= 1")
-    if a.world == "drawn" and a.pool < a.per_pack: raise SystemExit(f"--pool {a.pool} must hold at least --per-pack {a.per_pack} scenes")
     torch.manual_seed(a.seed)
-    drawn = dict(latent_patch_size=4, max_latent_size=3) if a.world == "drawn" else {}   # 96 px: one token per 32 px cell
-    bcfg = BagelConfig.shapesworld(latent_rope=a.latent_rope, **drawn)   # the CPU recipe's model: 128 wide, 4 layers
-    vocab = Vocab(bcfg.llm.vocab_size)
-    if a.world == "drawn":
-        from bagel.checkpoint import assign_from_file
-        from bagel.vae import AutoEncoder
-        with torch.device("meta"): vae = AutoEncoder(bcfg.vae)
-        assign_from_file(vae, a.vae, torch.float32, "cpu", hint="--vae must hold a VAE of BagelConfig.shapesworld()'s VAE config")
-        world = Drawn(vae, bcfg.latent_patch_size, 3 * bcfg.latent_downsample)
-    else: world = World(bcfg.latent_patch_size ** 2 * bcfg.vae.z_channels)
+    bcfg = BagelConfig.shapesworld(latent_rope=a.latent_rope)   # the CPU recipe's model: 128 wide, 4 layers
+    world, vocab = World(bcfg.latent_patch_size ** 2 * bcfg.vae.z_channels), Vocab(bcfg.llm.vocab_size)
     pc = PackConfig.from_model(bcfg, text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0, vae_cond_dropout_prob=0)
     tcfg = TrainConfig(lr=a.lr, warmup_steps=min(100, a.steps), total_steps=a.steps, lr_scheduler="wsd", ema=0.995,
                        ema_warmup=True, max_grad_norm=1.0, mixed_precision="fp32", timestep_shift=a.shift)
     net = build_model(model_config(tcfg, bcfg), tcfg, make_mesh("NO_SHARD", 1, None, "cpu"), torch.device("cpu"))
     opt, sched = make_optimizer(net, tcfg); ema = EMA(net, tcfg.ema, warmup=True)
-    rng, gen = random.Random(a.seed), torch.Generator().manual_seed(a.seed)
-    pool = None
-    if a.world == "drawn":
-        t0 = time.perf_counter(); pool = world.encode([item(rng, a.kind, world) for _ in range(a.pool)])
-        print(f"{a.pool} scenes encoded in {time.perf_counter() - t0:.0f} s", flush=True)
-    t0, mse = time.perf_counter(), []
+    rng, gen, t0, mse = random.Random(a.seed), torch.Generator().manual_seed(a.seed), time.perf_counter(), []
     for step in range(1, a.steps + 1):
-        r = train_step(net, opt, sched, ema, [make_pack(rng, a.kind, a.per_pack, world, vocab, bcfg, pc, pool)], tcfg, gen)
+        r = train_step(net, opt, sched, ema, [make_pack(rng, a.kind, a.per_pack, world, vocab, bcfg, pc)], tcfg, gen)
         mse.append(float(r["mse"]))
         if step % 100 == 0: print(f"step {step}: mse {sum(mse[-100:]) / 100:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     train_s = time.perf_counter() - t0
     net.load_state_dict(ema.full_state_dict(), strict=True); net.eval()
     erng = random.Random(10_000 + a.seed)                # held-out draws: another stream than training's
     items = [item(erng, a.kind, world) for _ in range(a.eval_n)]
-    rows, label = [], " ".join([a.kind, *[f"(latent_rope {a.latent_rope})"] * (a.latent_rope != "shared"),
-                                *[f"(drawn, pool {a.pool})"] * (a.world == "drawn")])
+    rows, label = [], a.kind if a.latent_rope == "shared" else f"{a.kind} (latent_rope {a.latent_rope})"
     for scale, span in guided_settings(a.cfg, a.cfg_interval):
         run = model_sampler(net, vocab, a.shift, scale, cfg_interval=span)
         j = judge(items, [run(it, i) for i, it in enumerate(items)], world)
@@ -206,10 +154,9 @@ def main(argv=None):
                      list(span) if scale > 1 else "",
                      j["items"], j["pass"], j["two"], *(", ".join(f"{k} {v}" for k, v in sorted(j[c].items())) for c in ("layouts", "failures"))])
     report("Binding probe on a 3 x 3 grid of latent tokens (bench/probe_binding.py)", COLUMNS, rows,
-           notes="CPU recipe model (BagelConfig.shapesworld); one token per cell, " + (
-                 "code(shape) + code(colour)" if a.world == "codes" else "a 4 x 4 patch of the VAE latent of the 96 px render "
-                 f"({a.vae.name}; decoded and parsed by the judge)") + f"; {a.per_pack} samples a step, lr {a.lr}, WSD, EMA 0.995; 30 sampling steps; items judged by the "
-                 "ShapesWorld judge" + (" on the nearest codes." if a.world == "codes" else "."), results=RESULTS if a.results is None else Path(a.results))
+           notes="CPU recipe model (BagelConfig.shapesworld); one token per cell, code(shape) + code(colour); "
+                 f"{a.per_pack} samples a step, lr {a.lr}, WSD, EMA 0.995; 30 sampling steps; items judged by the "
+                 "ShapesWorld judge on the nearest codes.", results=RESULTS if a.results is None else Path(a.results))
     return rows
 
 if __name__ == "__main__":
