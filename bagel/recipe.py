@@ -207,7 +207,7 @@ def make_data(cfg: RecipeConfig) -> Path:
                                   workers=max(1, cfg.num_workers), vit_size=cfg.vit_size, weights=cfg.mix_weights,
                                   t2i_tag_weights=cfg.t2i_tag_weights, vlm_caption_share=cfg.vlm_caption_share)["mix"])
 
-def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_size: int = 1):
+def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_size: int = 1, pin_memory: bool | None = None):
     "This rank's packed batches of the mix: a DataLoader whose workers read, decode and pack (the dataset itself when num_workers is 0)."
     from bagel.data import DataMix, PackedDataset
     from bagel.packing import PackConfig
@@ -221,9 +221,9 @@ def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_si
     dm = DataMix.from_yaml(mix)
     for g, w in zip(("t2i_pretrain", "unified_edit", "vlm_sft"), cfg.mix_weights): dm.groups[g].weight = w  # the config's, not the file's
     ds = PackedDataset(dm, tokenizer, pack, rank=rank, world_size=world_size, data_seed=tcfg.data_seed)
-    # on a GPU the pin thread pins each pack, so the step's host-to-device copies neither copy nor block
-    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4,
-                      pin_memory=torch.cuda.is_available()) if cfg.num_workers else ds
+    # on a GPU (pin_memory None) the pin thread pins each pack, so the step's host-to-device copies neither copy nor block
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4, pin_memory=pin) if cfg.num_workers else ds
 
 def _share_cores(num_workers: int, log=print):
     "Cap this process's intra-op threads at the cores that `num_workers` busy DataLoader workers leave free (as torchrun's OMP_NUM_THREADS=1)."

@@ -84,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--live", action="store_true", help="steps fed by the DataLoader as training runs (its workers packing beside "
                     "the step, this process's threads capped as in training) instead of packs held in memory; use --steps well "
                     "above the prefetched packs (4 per worker)")
+    ap.add_argument("--no-pin", action="store_true", help="--live: the DataLoader does not pin packs (on a GPU it does, as training)")
     ap.add_argument("--group-tokens", type=int, default=None,
                     help="attn_backend grouped: keys per group (bagel.mot.GROUP_TOKENS; default: chosen per pack)")
     ap.add_argument("--no-sort", action="store_true", help="route tokens per routing point (gathers) instead of sorting them by expert once")
@@ -117,12 +118,12 @@ def main(argv=None):
     if a.live:
         from bagel.recipe import _share_cores, packed_data
         _share_cores(workers)
-        live = iter(packed_data(cfg, mix, tok))
+        live = iter(packed_data(cfg, mix, tok, pin_memory=False if a.no_pin else None))
     s = step_time(cfg, packs[:8], a.steps, a.profile, not a.no_sort, live)
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
     launch = [f"(torchrun, {world} process{'es' * (world > 1)})"] if is_dist() else []
-    knobs = [f"--group-tokens {a.group_tokens}"] * bool(a.group_tokens) + [f"--live ({100 * s['data_wait']:.0f}% waiting for data)"] * a.live
+    knobs = [f"--group-tokens {a.group_tokens}"] * bool(a.group_tokens) + [f"--live{' --no-pin' * a.no_pin} ({100 * s['data_wait']:.0f}% waiting for data)"] * a.live
     row = [" ".join([a.config.name, *a.overrides, *knobs, *launch]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]
