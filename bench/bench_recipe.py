@@ -3,8 +3,8 @@
 (1) data: packs per second that a DataLoader with `--workers` processes delivers (read parquet/jsonl, decode PNGs,
 transform, tokenise, pack), after warm-up; (2) step: seconds per optimizer step of the recipe's model on packs held in
 memory (VAE encode + forward_train + backward + clip + AdamW + EMA), after the compile warm-up. Training runs at the
-slower of the two, or slower still where both contend for the host's cores: `--live` times the step as training
-runs it, fed by the DataLoader while its workers pack. `--profile` adds a torch.profiler table of the step (top ops by device and by host time).
+slower of the two, or slower still when both run at once on one host: `--live` times the step as training runs it,
+fed by the DataLoader while its workers pack (`--no-pin`: without the pin thread). `--profile` adds a torch.profiler table of the step (top ops by device and by host time).
 
     python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --workers 12          # one GPU
     python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --tokens 16384          # smaller packs
