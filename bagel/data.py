@@ -53,7 +53,8 @@ def make_transform(args: dict | None, default: ImageTransform) -> ImageTransform
     kw = {k: args[k] for k in ("image_stride", "max_image_size", "min_image_size", "max_pixels") if k in args}
     return ImageTransform(**{**{f.name: getattr(default, f.name) for f in fields(default)}, **kw})
 
-TEXT_MEMO = 1 << 16   # texts whose ids are kept per tokenizer (the memo starts over when full)
+TEXT_MEMO = 1 << 14   # short texts (<= 256 characters) whose ids are kept per tokenizer; the memo starts over when full,
+                      # so a worker holds at most a few MB of it (long captions, which seldom repeat, are not kept)
 _ENCODED = weakref.WeakKeyDictionary()   # tokenizer -> {text: ids}
 
 def _text(tokenizer, s) -> list:
@@ -61,6 +62,7 @@ def _text(tokenizer, s) -> list:
     # A 64k-token ShapesWorld pack calls this ~1650 times, for few distinct texts: 142-157 ms of a ~1.1 s pack in one
     # process (2-core Intel Xeon), 34-40 ms memoised. A reader's tokenizer does not change while it reads.
     if not isinstance(s, str): raise MalformedRow(f"expected a text string, got {type(s).__name__}")
+    if len(s) > 256: return list(tokenizer.encode(s, add_special_tokens=False))
     memo = _ENCODED.setdefault(tokenizer, {})
     ids = memo.get(s)
     if ids is None:
