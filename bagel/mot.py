@@ -485,6 +485,18 @@ def groups(self: AttnPlan, target: int) -> tuple:
 
 def _round_up(n: int, m: int = 16) -> int: return -(-n // m) * m
 
+def _group_spans(plan: AttnPlan, target: int) -> tuple:  # -> (query spans, key spans, Lq, Lk)
+    "Each group's [start, end) of packed query and of key tokens under `target`, and the padded lengths of all groups."
+    gs = plan.groups(target)
+    spans = lambda cu: [(cu[g[0]], cu[g[-1] + 1]) for g in gs]
+    sq, sk = spans(plan.cu_q), spans(plan.cu_k)
+    return sq, sk, *(_round_up(max(b - a for a, b in s)) for s in (sq, sk))   # 16-aligned: the fused kernels' mask stride
+
+def _padded_area(plan: AttnPlan, target: int) -> int:
+    "Query-key pairs the grouped call computes under `target`: groups x Lq x Lk."
+    sq, _, Lq, Lk = _group_spans(plan, target)
+    return len(sq) * Lq * Lk
+
 @patch
 def group_target(self: AttnPlan) -> int:
     "The group cap of least padded area (groups x Lq x Lk): the longest sequence times 1, 1.25, 1.5, 2 or 4."
@@ -492,11 +504,7 @@ def group_target(self: AttnPlan) -> int:
     # ~10x the useful pairs; the longest sequence's length spends ~2.7x (a ShapesWorld 64k-token pack: 20M pairs, not 71M).
     if "group_target" not in self._memo:
         longest = max(a + b for a, b in zip(self.kv_lens, self.q_lens))
-        def area(cap: int) -> int:
-            gs = self.groups(cap)
-            L = lambda cu: _round_up(max(cu[g[-1] + 1] - cu[g[0]] for g in gs))
-            return len(gs) * L(self.cu_q) * L(self.cu_k)
-        self._memo["group_target"] = min((int(longest * f) for f in (1, 1.25, 1.5, 2, 4)), key=area)
+        self._memo["group_target"] = min((int(longest * f) for f in (1, 1.25, 1.5, 2, 4)), key=lambda cap: _padded_area(self, cap))
     return self._memo["group_target"]
 
 def _rows(x: Tensor, idx: Tensor, ok: Tensor | None = None) -> Tensor:  # x[idx] along dim 0; rows where ok is False are 0
@@ -541,11 +549,9 @@ def _group_layout(plan: AttnPlan, device, target: int) -> _GroupLayout:
     "Where each packed token sits in the padded [groups, length] layout (and back), and the groups' masks (memoised)."
     key = ("grouped", str(device), target)
     if key in plan._memo: return plan._memo[key]
-    gs = plan.groups(target)
-    spans = lambda cu: [(cu[g[0]], cu[g[-1] + 1]) for g in gs]
-    sq, sk = spans(plan.cu_q), spans(plan.cu_k)
-    Lq, Lk = (_round_up(max(b - a for a, b in s)) for s in (sq, sk))   # 16-aligned: the fused kernels' mask stride
-    q_idx, k_idx = torch.full((len(gs), Lq), plan.n_q), torch.full((len(gs), Lk), plan.n_k)  # pad -> one zero row
+    sq, sk, Lq, Lk = _group_spans(plan, target)
+    g = len(sq)
+    q_idx, k_idx = torch.full((g, Lq), plan.n_q), torch.full((g, Lk), plan.n_k)  # pad -> one zero row
     for j, ((a, b), (c, d)) in enumerate(zip(sq, sk)):
         q_idx[j, :b - a], k_idx[j, :d - c] = torch.arange(a, b), torch.arange(c, d)
     inv = torch.cat([torch.arange(b - a) + j * Lq for j, (a, b) in enumerate(sq)])
@@ -559,7 +565,7 @@ def _group_layout(plan: AttnPlan, device, target: int) -> _GroupLayout:
     # pad keys are hidden; pad query rows see every key, so that no row is all -inf (NaN in the backward)
     mask = (allowed & k_ok[:, None, :]) | ~q_ok[:, :, None]
     plan._memo[key] = out = _GroupLayout(q_rows.flatten(), q_ok.flatten(), k_rows.flatten(), k_ok.flatten(),
-                                         (len(gs), Lq), (len(gs), Lk), mask[:, None], inv, k_inv)
+                                         (g, Lq), (g, Lk), mask[:, None], inv, k_inv)
     return out
 
 def _grouped(q, k, v, plan: AttnPlan, target: int | None = None) -> Tensor:

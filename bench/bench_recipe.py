@@ -17,11 +17,8 @@ from pathlib import Path
 
 import torch
 
-def data_rate(cfg, mix, tok, n: int) -> tuple:  # -> (packs/s, tokens/s, packs)
-    "Packs per second from the recipe's own data pipeline (bagel.recipe.packed_data), after the first pack of each worker."
-    from bagel.recipe import packed_data
-    workers = cfg.num_workers
-    it = iter(packed_data(cfg, mix, tok))
+def data_rate(it, workers: int, n: int) -> tuple:  # -> (packs/s, tokens/s, packs)
+    "Packs per second from an iterator over the recipe's data pipeline (bagel.recipe.packed_data), after the first pack of each worker."
     t0 = time.perf_counter()
     keep = [next(it) for _ in range(max(1, workers))]
     print(f"  first {len(keep)} packs (worker start-up) in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -84,7 +81,7 @@ def main(argv=None):
     ap.add_argument("--live", action="store_true", help="steps fed by the DataLoader as training runs (its workers packing beside "
                     "the step, this process's threads capped as in training) instead of packs held in memory; use --steps well "
                     "above the prefetched packs (4 per worker)")
-    ap.add_argument("--no-pin", action="store_true", help="--live: the DataLoader does not pin packs (on a GPU it does, as training)")
+    ap.add_argument("--no-pin", action="store_true", help="the DataLoader does not pin packs (on a GPU it does, as training)")
     ap.add_argument("--group-tokens", type=int, default=None,
                     help="attn_backend grouped: keys per group (bagel.mot.GROUP_TOKENS; default: chosen per pack)")
     ap.add_argument("--no-sort", action="store_true", help="route tokens per routing point (gathers) instead of sorting them by expert once")
@@ -111,19 +108,17 @@ def main(argv=None):
     t0 = time.perf_counter(); mix = make_data(cfg)
     print(f"data written in {time.perf_counter() - t0:.1f} s ({workers} processes)", flush=True)
     tok = load_tokenizer(write_tiny_tokenizer(out / "tok", vocab_size=cfg.model_config().llm.vocab_size))
-    dps, tps, packs = data_rate(cfg, mix, tok, a.packs)
+    from bagel.recipe import _share_cores, packed_data
+    it = iter(packed_data(cfg, mix, tok, pin_memory=False if a.no_pin else None))
+    dps, tps, packs = data_rate(it, workers, a.packs)
     print(f"data: {dps:.2f} packs/s, {tps:,.0f} tokens/s with {workers} workers", flush=True)
     if a.data_only: return None
-    live = None
-    if a.live:
-        from bagel.recipe import _share_cores, packed_data
-        _share_cores(workers)
-        live = iter(packed_data(cfg, mix, tok, pin_memory=False if a.no_pin else None))
-    s = step_time(cfg, packs[:8], a.steps, a.profile, not a.no_sort, live)
+    if a.live: _share_cores(workers)       # the same DataLoader goes on feeding the steps, as in training
+    s = step_time(cfg, packs[:8], a.steps, a.profile, not a.no_sort, it if a.live else None)
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
     launch = [f"(torchrun, {world} process{'es' * (world > 1)})"] if is_dist() else []
-    knobs = [f"--group-tokens {a.group_tokens}"] * bool(a.group_tokens) + [f"--live{' --no-pin' * a.no_pin} ({100 * s['data_wait']:.0f}% waiting for data)"] * a.live
+    knobs = [f"--group-tokens {a.group_tokens}"] * bool(a.group_tokens) + ["--no-pin"] * a.no_pin + [f"--live ({100 * s['data_wait']:.0f}% waiting for data)"] * a.live
     row = [" ".join([a.config.name, *a.overrides, *knobs, *launch]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]
