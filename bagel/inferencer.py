@@ -32,7 +32,7 @@ GEN_THINK_SYSTEM_PROMPT = ("You should first think about the planning process in
 # %% ../nbs/41_inferencer.ipynb #c5bf4ab2
 def default_transforms(cfg) -> tuple:  # -> (vae_transform, vit_transform)
     "The app's transforms (VAE 1024/512/16, ViT 980/224/14); for smaller models, capped by their position tables."
-    # A ViT table under 224 px belongs to a model trained at one side (ShapesWorld: 70 or 126 px): its images are
+    # A ViT table under 224 px belongs to a model trained at one side (ShapesWorld: 70, 84 or 126 px): its images are
     # scaled to that side, as in training (with the old minimum of half the table, a 64 px render reached a 126 px
     # model's ViT at 70 px)
     d, P = cfg.latent_downsample, cfg.vit.patch_size

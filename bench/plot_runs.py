@@ -8,11 +8,11 @@ each titled with its prompt and the judge's verdict.
 nb 36's two figures:
 
     python -m bench.plot_runs --out nbs/images/shapesworld_gpu_curves.png \\
-        --run "11th: 64 px, shift 1=bench/results/shapesworld_gpu_h200_2026-11-29j" \\
         --run "32nd: patch 2, 4300 steps=bench/results/shapesworld_gpu_h200_2026-11-30e" \\
-        --run "37th: patch 2, 15 min=bench/results/shapesworld_gpu_h200_2026-11-30j" \\
-        --run "36th: patch 4 + raster (the config)=bench/results/shapesworld_gpu_h200_2026-11-30i"
-    python -m bench.plot_runs --out nbs/images/shapesworld_gpu_samples.png --samples bench/results/shapesworld_gpu_h200_2026-11-30i
+        --run "36th: patch 4 + raster, ViT 126 px=bench/results/shapesworld_gpu_h200_2026-11-30i" \\
+        --run "42nd: ViT 84 px, weights [2, 1.5, 1.4]=bench/results/shapesworld_gpu_h200_2026-11-30o" \\
+        --run "43rd: ViT 84 px, weights [3, 1, 1.4] (the config)=bench/results/shapesworld_gpu_h200_2026-11-30p"
+    python -m bench.plot_runs --out nbs/images/shapesworld_gpu_samples.png --samples bench/results/shapesworld_gpu_h200_2026-11-30p
 """
 import argparse, json, textwrap
 from pathlib import Path
