@@ -109,7 +109,7 @@ class T2IReader:
         except (TypeError, ValueError) as e: raise MalformedRow(f"captions is not a JSON string: {e}") from None
         if not isinstance(caps, dict): raise MalformedRow(f"captions must be a JSON dict, got {type(caps).__name__}")
         cap = rng.choice(list(caps.values())) if caps else " "
-        image = self.transform(decode_image(row["image"]))
+        image = self.transform.pixels(decode_image(row["image"]))
         return [PlanItem("text", ids=_text(self.tokenizer, cap), enable_cfg=True), PlanItem("vae_image", image=image, loss=True)]
 
 # %% ../nbs/22_data.ipynb #3f6b13ec
@@ -184,9 +184,9 @@ def _edit_items(self: EditReader, row: dict, rng: random.Random) -> list:
     if not isinstance(imgs, list) or not isinstance(ins, list) or len(imgs) < 2 or len(ins) < len(imgs) - 1:
         raise MalformedRow("needs image_list (>= 2 images) and instruction_list (one entry per step)")
     alt = lambda k: rng.choice(ins[k]) if isinstance(ins[k], list) and ins[k] else ins[k]
-    vae = lambda k: PlanItem("vae_image", image=self.transform(decode_image(imgs[k])), enable_cfg=True)
-    vit = lambda k: PlanItem("vit_image", image=self.vit_transform(decode_image(imgs[k])), enable_cfg=True)
-    target = lambda k: PlanItem("vae_image", image=self.transform(decode_image(imgs[k])), loss=True)
+    vae = lambda k: PlanItem("vae_image", image=self.transform.pixels(decode_image(imgs[k])), enable_cfg=True)
+    vit = lambda k: PlanItem("vit_image", image=self.vit_transform.pixels(decode_image(imgs[k])), enable_cfg=True)
+    target = lambda k: PlanItem("vae_image", image=self.transform.pixels(decode_image(imgs[k])), loss=True)
     text = lambda s: PlanItem("text", ids=_text(self.tokenizer, s), enable_cfg=True)
     n = len(imgs); s = rng.randint(0, n - 2); e = min(s + rng.choice([1, 2]), n - 1)
     items = [vae(s), vit(s)]
@@ -239,7 +239,7 @@ def _vlm_items(self: VLMReader, line: str, rng: random.Random) -> list | None:
         for j, part in enumerate(parts):
             if part.strip(): items.append(PlanItem("text", ids=_text(self.tokenizer, part.strip())))
             if j < len(parts) - 1:
-                items.append(PlanItem("vit_image", image=self.transform(decode_image(str(self.data_dir / next(imgs))), img_num=len(paths))))
+                items.append(PlanItem("vit_image", image=self.transform.pixels(decode_image(str(self.data_dir / next(imgs))), img_num=len(paths))))
     return items if any(it.loss for it in items) else None
 
 VLMReader.to_sample = _vlm_items

@@ -13,6 +13,7 @@ from fastcore.basics import patch
 from torch import nn, Tensor
 
 from .mot import AttnPlan, KVCache, LLMConfig, Qwen2MoTForCausalLM, to_device
+from .transforms import to_unit
 from .siglip import MLPConnector, SiglipNaViT, ViTConfig, pack_vit_images
 from .vae import VAEConfig, latent_position_ids, patchify_latent
 
@@ -378,11 +379,11 @@ class PackedBatch:
     packed_text_ids: Tensor           # [Nt] text and special-token ids
     packed_text_indexes: Tensor       # [Nt] their positions
     packed_position_ids: Tensor       # [S] RoPE positions
-    packed_vit_tokens: Tensor | None = None          # [Nvit, 3*P*P]
+    packed_vit_tokens: Tensor | None = None          # [Nvit, 3*P*P] in [-1, 1], or uint8 pixels (PackConfig.uint8_pixels)
     packed_vit_position_ids: Tensor | None = None    # [Nvit] ids r*70 + c
     packed_vit_token_indexes: Tensor | None = None   # [Nvit]
     vit_token_seqlens: Tensor | None = None          # [n_vit_images]
-    padded_images: Tensor | None = None              # [n_vae_images, 3, Hmax, Wmax] in [-1, 1], zero-padded (packer output)
+    padded_images: Tensor | None = None              # [n_vae_images, 3, Hmax, Wmax] in [-1, 1], zero-padded (packer output), or uint8 pixels
     padded_latent: Tensor | None = None              # [n_vae_images, C, Hmax/8, Wmax/8] model latents (scaled): encode_images
     patchified_vae_latent_shapes: list | None = None # per VAE image (h, w) token grid
     packed_latent_position_ids: Tensor | None = None # [Nv] ids r*G + c
@@ -393,6 +394,7 @@ class PackedBatch:
     ce_loss_indexes: Tensor | None = None            # [Nce] positions with CE loss
     ce_loss_weights: Tensor | None = None            # [Nce] optional per-token weights
     batch_data_indexes: dict | None = None           # where the data readers stood (resume bookkeeping)
+    image_sizes: list | None = None                  # (H, W) of each uint8 padded image: its padding is 0 once in [-1, 1]
 
 @patch
 def to(self: PackedBatch, device) -> PackedBatch:
@@ -415,8 +417,23 @@ def encode_images(self: PackedBatch, vae, generator: torch.Generator | None = No
     "Fill `padded_latent` by VAE-encoding `padded_images` (sampled, as BAGEL trains); returns self."
     if self.padded_images is not None and len(self.padded_images):
         w = vae.encoder.conv_in.weight
-        self.padded_latent = vae.encode(to_device(self.padded_images, w.device).to(w.dtype), sample=sample, generator=generator)
+        self.padded_latent = vae.encode(self.unit_images(w.device).to(w.dtype), sample=sample, generator=generator)
     return self
+
+@patch
+def unit_images(self: PackedBatch, device=None) -> Tensor:
+    "`padded_images` on `device` in [-1, 1], zero-padded: uint8 pixels are mapped there (`to_unit`, the packer's float32 values)."
+    x = to_device(self.padded_images, device or self.padded_images.device)
+    if x.dtype != torch.uint8: return x
+    if self.image_sizes is None or len(self.image_sizes) != len(x):
+        raise ValueError("uint8 padded_images need image_sizes, the (H, W) of each image: pack with PackConfig(uint8_pixels=True)")
+    x = to_unit(x)
+    H, W = x.shape[-2:]
+    if any(s != (H, W) for s in map(tuple, self.image_sizes)):             # padding: 0 in [-1, 1], as the float packs hold
+        h, w = (to_device(torch.tensor(v), x.device) for v in zip(*self.image_sizes))   # no blocking copy
+        keep = (torch.arange(H, device=x.device)[None, :, None] < h[:, None, None]) & (torch.arange(W, device=x.device)[None, None, :] < w[:, None, None])
+        x = x.masked_fill_(~keep[:, None], 0.0)
+    return x
 
 @dataclass
 class TrainOutput:
@@ -445,7 +462,8 @@ def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | 
     is_gen = torch.zeros(total, dtype=torch.bool)                               # on the host
     if batch.packed_vit_tokens is not None and len(batch.packed_vit_tokens):
         cu = F.pad(host.vit_token_seqlens.cpu().cumsum(0), (1, 0)).to(torch.int32)
-        vit = self.vit_model(batch.packed_vit_tokens.to(dev, self.dtype), batch.packed_vit_position_ids, cu)
+        v = batch.packed_vit_tokens                   # on the device: uint8 pixels become [-1, 1] there
+        vit = self.vit_model((to_unit(v) if v.dtype == torch.uint8 else v).to(dev, self.dtype), batch.packed_vit_position_ids, cu)
         x[batch.packed_vit_token_indexes] = self.connector(vit) + self.vit_pos_embed(batch.packed_vit_position_ids)
     pred = target = None
     if batch.padded_latent is not None and len(batch.patchified_vae_latent_shapes):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .model import LATENT_ROPES, BagelConfig, PackedBatch, SpecialTokens, latent_rope_span
 from .mot import AttnPlan, attn_allowed
+from .transforms import to_unit
 from .siglip import patchify, vit_position_ids
 from .vae import latent_position_ids
 
@@ -30,7 +31,7 @@ class PlanItem:
     "One block of a sample's sequence plan (spec §6.3)."
     type: str                               # 'text' | 'vit_image' | 'vae_image'
     ids: list | None = None                 # text: token ids without the bos/eos framing
-    image: Tensor | None = None             # images: [3, H, W] in [-1, 1], sides multiples of the stride
+    image: Tensor | None = None             # images: [3, H, W], float in [-1, 1] or uint8 pixels; sides multiples of the stride
     enable_cfg: bool = False                # may be dropped by CFG condition dropout
     loss: bool = False                      # text: CE on next tokens; vae_image: noisy target (MSE)
     special_token_loss: bool = False        # CE on the block's closing token ...
@@ -75,6 +76,8 @@ class PackConfig:
     prefer_buffer_before: int = 16384       # below this pack length, take overflow samples first
     max_buffer_size: int = 50               # overflow samples kept
     pad_to_max: bool = False                # append the flex pad pseudo-sample up to max_num_tokens
+    uint8_pixels: bool = False              # images and ViT patches packed as uint8 (a quarter of the bytes to pass between
+                                            # processes and to the device); the model maps them to [-1, 1] where it runs
 
     def __post_init__(self):
         for k in ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"):
@@ -166,6 +169,14 @@ def _add_text(self: PackBuilder, it: PlanItem, rope: int) -> int:
 PackBuilder._add_text = _add_text
 
 # %% ../nbs/20_packing.ipynb #1c1b971c
+def _pixels(x: Tensor, cfg: PackConfig) -> Tensor:
+    "An item's image as the pack stores it: uint8 pixels under `uint8_pixels`, else float32 in [-1, 1]."
+    if not cfg.uint8_pixels: return to_unit(x) if x.dtype == torch.uint8 else x.float()
+    if x.dtype != torch.uint8:
+        raise TypeError(f"PackConfig.uint8_pixels packs uint8 pixels, got a {x.dtype} image: give PlanItem images as uint8 "
+                        "(ImageTransform.pixels, transforms.image_tensor) or pack with uint8_pixels=False")
+    return x
+
 def _add_image(self: PackBuilder, it: PlanItem, rope: int, rng: random.Random) -> int:
     "Append `[start] + image tokens + [end]` at `rope` (`rope, rope+1, ...` for a raster latent block); returns the next RoPE position."
     c, a = self.cfg, self.length
@@ -173,11 +184,11 @@ def _add_image(self: PackBuilder, it: PlanItem, rope: int, rng: random.Random) -
     n, span = h * w + 2, rope_span(it, c)
     slots = range(a + 1, a + 1 + h * w)                                           # sequence positions of the image tokens
     if it.type == "vit_image":
-        self.vit_tokens.append(patchify(it.image.float(), c.vit_patch_size))       # [h*w, 3*P*P]
+        self.vit_tokens.append(patchify(_pixels(it.image, c), c.vit_patch_size))   # [h*w, 3*P*P]
         self.vit_pos.append(vit_position_ids(h, w, c.vit_grid)); self.vit_idx += slots; self.vit_lens.append(h * w)
         mode, step = "full", 1
     else:
-        self.vae_images.append(it.image.float()); self.vae_shapes.append((h, w))
+        self.vae_images.append(_pixels(it.image, c)); self.vae_shapes.append((h, w))
         self.lat_pos.append(latent_position_ids(h, w, c.latent_grid)); self.vae_idx += slots
         if it.loss: self.timesteps += [rng.gauss(0.0, 1.0)] * (h * w); self.mse_idx += slots; mode, step = "noise", 0
         else: self.timesteps += [-math.inf] * (h * w); mode, step = "full", span
@@ -212,18 +223,19 @@ def _build(self: PackBuilder) -> PackedBatch:
     "The PackedBatch of everything added so far (no flex pad)."
     if not self.sample_lens: raise ValueError("cannot build an empty pack: add at least one non-empty sample")
     L = lambda xs: torch.tensor(xs, dtype=torch.long)
-    P2 = 3 * self.cfg.vit_patch_size ** 2
+    P2, dt = 3 * self.cfg.vit_patch_size ** 2, torch.uint8 if self.cfg.uint8_pixels else torch.float32
     if self.vae_images:
         Hm, Wm = max(x.shape[1] for x in self.vae_images), max(x.shape[2] for x in self.vae_images)
-        padded = torch.zeros(len(self.vae_images), 3, Hm, Wm)
+        padded = torch.zeros(len(self.vae_images), 3, Hm, Wm, dtype=dt)
         for i, x in enumerate(self.vae_images): padded[i, :, :x.shape[1], :x.shape[2]] = x
-    else: padded = torch.zeros(0, 3, 0, 0)
+    else: padded = torch.zeros(0, 3, 0, 0, dtype=dt)
     return PackedBatch(
         sequence_length=self.length, sample_lens=list(self.sample_lens), split_lens=list(self.split_lens),
         attn_modes=list(self.attn_modes), packed_text_ids=L(self.text_ids), packed_text_indexes=L(self.text_idx),
-        packed_position_ids=L(self.pos), packed_vit_tokens=_cat(self.vit_tokens, torch.zeros(0, P2)),
+        packed_position_ids=L(self.pos), packed_vit_tokens=_cat(self.vit_tokens, torch.zeros(0, P2, dtype=dt)),
         packed_vit_position_ids=_cat(self.vit_pos, L([])), packed_vit_token_indexes=L(self.vit_idx),
         vit_token_seqlens=torch.tensor(self.vit_lens, dtype=torch.int32), padded_images=padded,
+        image_sizes=[tuple(x.shape[1:]) for x in self.vae_images] if self.cfg.uint8_pixels else None,
         patchified_vae_latent_shapes=list(self.vae_shapes), packed_latent_position_ids=_cat(self.lat_pos, L([])),
         packed_vae_token_indexes=L(self.vae_idx), packed_timesteps=torch.tensor(self.timesteps, dtype=torch.float32),
         mse_loss_indexes=L(self.mse_idx), packed_label_ids=L(self.labels), ce_loss_indexes=L(self.ce_idx),

@@ -207,7 +207,8 @@ def make_data(cfg: RecipeConfig) -> Path:
                                   workers=max(1, cfg.num_workers), vit_size=cfg.vit_size, weights=cfg.mix_weights,
                                   t2i_tag_weights=cfg.t2i_tag_weights, vlm_caption_share=cfg.vlm_caption_share)["mix"])
 
-def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_size: int = 1, pin_memory: bool | None = None):
+def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
+                uint8_pixels: bool = True):   # False: float32 images and ViT patches, as the spec's batch (4x the bytes)
     "This rank's packed batches of the mix: a DataLoader whose workers read, decode and pack (the dataset itself when num_workers is 0)."
     from bagel.data import DataMix, PackedDataset
     from bagel.packing import PackConfig
@@ -217,7 +218,8 @@ def packed_data(cfg: RecipeConfig, mix: Path, tokenizer, rank: int = 0, world_si
                                  max_num_tokens_per_sample=cfg.max_num_tokens // 2, prefer_buffer_before=cfg.max_num_tokens // 2,
                                  text_cond_dropout_prob=cfg.text_cond_dropout_prob, vit_cond_dropout_prob=cfg.vit_cond_dropout_prob,
                                  vae_cond_dropout_prob=cfg.vae_cond_dropout_prob,
-                                 pad_to_max=tcfg.attn_backend == "flex")   # one sequence length, one compiled kernel
+                                 pad_to_max=tcfg.attn_backend == "flex",    # one sequence length, one compiled kernel
+                                 uint8_pixels=uint8_pixels)   # a quarter of the bytes from the workers to the device; same values
     dm = DataMix.from_yaml(mix)
     for g, w in zip(("t2i_pretrain", "unified_edit", "vlm_sft"), cfg.mix_weights): dm.groups[g].weight = w  # the config's, not the file's
     ds = PackedDataset(dm, tokenizer, pack, rank=rank, world_size=world_size, data_seed=tcfg.data_seed)

@@ -132,9 +132,13 @@ class ImageTransform:
         size = self.target_size(x.shape[2], x.shape[1], img_num=img_num)
         return x if size == (x.shape[2], x.shape[1]) else resize_bicubic(x, size)
 
+    def pixels(self, img: Image.Image, img_num: int = 1) -> torch.Tensor:  # -> uint8 [3, H, W]
+        "Resize, then the RGB pixels as a uint8 tensor (`to_unit` of it is this transform's output)."
+        return image_tensor(self.resize(img, img_num))
+
     def __call__(self, img: Image.Image, img_num: int = 1) -> torch.Tensor:  # -> [3, H, W] in [-1, 1]
         "Resize, then map to a float tensor in [-1, 1] (mean 0.5, std 0.5 per channel)."
-        return pil_to_tensor(self.resize(img, img_num))
+        return to_unit(self.pixels(img, img_num))
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:  # -> [3, H, W] float32 in [-1, 1]
     "An RGB PIL image as a [-1, 1] tensor."

@@ -4,7 +4,8 @@
 transform, tokenise, pack), after warm-up; (2) step: seconds per optimizer step of the recipe's model on packs held in
 memory (VAE encode + forward_train + backward + clip + AdamW + EMA), after the compile warm-up. Training runs at the
 slower of the two, or slower still when both run at once on one host: `--live` times the step as training runs it,
-fed by the DataLoader while its workers pack (`--no-pin`: without the pin thread). `--profile` adds a torch.profiler table of the step (top ops by device and by host time).
+fed by the DataLoader while its workers pack (`--no-pin`: without the pin thread; `--float-pixels`: packs of float32
+images, 4x the bytes). `--profile` adds a torch.profiler table of the step (top ops by device and by host time).
 
     python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --workers 12          # one GPU
     python -m bench.bench_recipe --config configs/shapesworld_gpu.yaml --tokens 16384          # smaller packs
@@ -82,6 +83,8 @@ def main(argv=None):
                     "the step, this process's threads capped as in training) instead of packs held in memory; use --steps well "
                     "above the prefetched packs (4 per worker)")
     ap.add_argument("--no-pin", action="store_true", help="the DataLoader does not pin packs (on a GPU it does, as training)")
+    ap.add_argument("--float-pixels", action="store_true", help="packs carry float32 images and ViT patches (the spec's batch) "
+                    "instead of uint8 pixels (as training packs them: a quarter of the bytes)")
     ap.add_argument("--group-tokens", type=int, default=None,
                     help="attn_backend grouped: keys per group (bagel.mot.GROUP_TOKENS; default: chosen per pack)")
     ap.add_argument("--no-sort", action="store_true", help="route tokens per routing point (gathers) instead of sorting them by expert once")
@@ -109,7 +112,7 @@ def main(argv=None):
     print(f"data written in {time.perf_counter() - t0:.1f} s ({workers} processes)", flush=True)
     tok = load_tokenizer(write_tiny_tokenizer(out / "tok", vocab_size=cfg.model_config().llm.vocab_size))
     from bagel.recipe import _share_cores, packed_data
-    it = iter(packed_data(cfg, mix, tok, pin_memory=False if a.no_pin else None))
+    it = iter(packed_data(cfg, mix, tok, pin_memory=False if a.no_pin else None, uint8_pixels=not a.float_pixels))
     dps, tps, packs = data_rate(it, workers, a.packs)
     print(f"data: {dps:.2f} packs/s, {tps:,.0f} tokens/s with {workers} workers", flush=True)
     if a.data_only: return None
@@ -118,7 +121,7 @@ def main(argv=None):
     if s["table"]: print(s["table"])
     spp = 1 / s["step_s"]
     launch = [f"(torchrun, {world} process{'es' * (world > 1)})"] if is_dist() else []
-    knobs = [f"--group-tokens {a.group_tokens}"] * bool(a.group_tokens) + ["--no-pin"] * a.no_pin + [f"--live ({100 * s['data_wait']:.0f}% waiting for data)"] * a.live
+    knobs = [f"--group-tokens {a.group_tokens}"] * bool(a.group_tokens) + ["--no-pin"] * a.no_pin + ["--float-pixels"] * a.float_pixels + [f"--live ({100 * s['data_wait']:.0f}% waiting for data)"] * a.live
     row = [" ".join([a.config.name, *a.overrides, *knobs, *launch]), "routed" if a.no_sort else "sorted", f"{s['params']:,}", cfg.max_num_tokens, round(sum(len(p.sample_lens) for p in packs) / len(packs), 1),
            workers, round(dps, 2), round(s["step_s"], 4), round(spp, 2), "data" if dps < spp else "device",
            round(s["warmup_s"], 1), round(s["peak_gib"], 2)]

@@ -158,3 +158,24 @@ def test_latent_rope_layouts():
     s = _model().eval(); c2 = s.new_context(); s.extend_text([c2], [[1, 5, 2]])
     s.extend_vae([c2], [torch.randn(s.config.vae.z_channels, 4, 4)]); assert c2.rope == 4
     with pytest.raises(ValueError, match="'shared' \\(BAGEL's layout"): BagelConfig.tiny(latent_rope="2d")
+
+def test_uint8_packs_train_as_float_packs():
+    "PackConfig(uint8_pixels=True): the VAE encode and the training forward see the float pack's values, so the outputs are equal."
+    from bagel.packing import PackConfig, PlanItem, Sample, pack_samples
+    from bagel.vae import AutoEncoder
+    model = _model().eval(); cfg = model.config
+    vae = init_random_(AutoEncoder(cfg.vae), torch.Generator().manual_seed(1)).eval()
+    g = torch.Generator().manual_seed(2)
+    px = lambda h, w: torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+    S, V = cfg.latent_downsample, cfg.vit.patch_size
+    samples = [Sample([PlanItem("text", ids=[5, 6], enable_cfg=True), PlanItem("vae_image", image=px(2 * S, 3 * S), loss=True)], "a"),
+               Sample([PlanItem("vae_image", image=px(S, S), enable_cfg=True), PlanItem("vit_image", image=px(2 * V, V), enable_cfg=True),
+                       PlanItem("text", ids=[7], enable_cfg=True), PlanItem("vae_image", image=px(S, 2 * S), loss=True)], "b"),
+               Sample([PlanItem("vit_image", image=px(V, 2 * V)), PlanItem("text", ids=[8, 9], loss=True)], "c")]
+    pc = PackConfig.from_model(cfg, text_cond_dropout_prob=0, vit_cond_dropout_prob=0, vae_cond_dropout_prob=0)
+    outs = []
+    for u8 in (False, True):
+        b = pack_samples(samples, replace(pc, uint8_pixels=u8)).encode_images(vae, torch.Generator().manual_seed(4))
+        with torch.no_grad(): outs.append(model.forward_train(b, generator=torch.Generator().manual_seed(3)))
+    assert outs[0].velocity_pred.abs().mean() > 1e-3
+    for f in ("ce_logits", "velocity_pred", "velocity_target"): assert torch.equal(getattr(outs[0], f), getattr(outs[1], f)), f

@@ -250,8 +250,8 @@ def test_bench_speed_and_recipe_smoke_on_cpu(tmp_path):
     assert "data pipeline vs device step" in (tmp_path / "R.md").read_text()
     live = recipe_main(["--config", str(ROOT / "configs" / "shapesworld_cpu.yaml"), "--workers", "0", "--samples", "600",
                         "--packs", "2", "--steps", "2", "--tokens", "800", "--out", str(tmp_path / "r"), "--results", str(tmp_path / "R.md"),
-                        "--live", "--no-pin"])      # steps fed by the data pipeline: the row says how much of the time waited for it
-    assert re.fullmatch(r"shapesworld_cpu\.yaml --no-pin --live \(\d+% waiting for data\)", live[0]), live[0]
+                        "--live", "--no-pin", "--float-pixels"])   # steps fed by the data pipeline (float32 packs, the spec's):
+    assert re.fullmatch(r"shapesworld_cpu\.yaml --no-pin --float-pixels --live \(\d+% waiting for data\)", live[0]), live[0]  # the wait
 
 def test_bench_vae_smoke_on_cpu(tmp_path):
     "bench/bench_vae.py on the CPU config: a fresh VAE per step count, scored by the judge's round trip, one table appended."
