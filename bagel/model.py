@@ -431,7 +431,8 @@ def unit_images(self: PackedBatch, device=None) -> Tensor:
     H, W = x.shape[-2:]
     if any(s != (H, W) for s in map(tuple, self.image_sizes)):             # padding: 0 in [-1, 1], as the float packs hold
         h, w = (to_device(torch.tensor(v), x.device) for v in zip(*self.image_sizes))   # no blocking copy
-        keep = (torch.arange(H, device=x.device)[None, :, None] < h[:, None, None]) & (torch.arange(W, device=x.device)[None, None, :] < w[:, None, None])
+        rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        keep = (rows[None, :, None] < h[:, None, None]) & (cols[None, None, :] < w[:, None, None])   # [n, H, W]
         x = x.masked_fill_(~keep[:, None], 0.0)
     return x
 
