@@ -13,7 +13,10 @@ its time, so compare their steps, not only their scores, with a run made alone.
 
 The same command again continues every run from its last checkpoint (`auto_resume`): a run longer than one session
 of a machine is several calls, e.g. `--set train.max_seconds=420` in each and a `train.total_steps` for the whole.
-Each call's table row has the run's steps and training seconds so far, and scores of its latest weights.
+Each call's table row has the run's steps and training seconds so far, and scores of its latest weights. `--finish`
+sets each resumed run's `train.total_steps` so that its schedule ends inside this call's `train.max_seconds`, at the
+seconds a step its earlier calls took (the learning rate is computed from the config each call, so a run still on a
+WSD schedule's flat part decays in this call).
 
     python -m bench.sweep_recipe --config configs/shapesworld_gpu.yaml --out runs/sweep \\
         --run base --run wsd train.lr_scheduler=wsd train.total_steps=3000 --run shift2 train.timestep_shift=2
@@ -32,6 +35,16 @@ def _parse_runs(runs: list) -> list:  # [[NAME, KEY=VALUE, ...], ...] -> [(name,
         if bad := [s for s in sets if "=" not in s]: raise SystemExit(f"--run {name}: {bad} are not KEY=VALUE overrides")
         seen.add(name); out.append((name, sets))
     return out
+
+FINISH_MARGIN = 0.97   # --finish plans for steps 3% slower than the earlier calls
+
+def _finishing_steps(out: Path, seconds: float) -> int | None:
+    "total_steps that end a resumed run `seconds` of training from now, at its step time so far (None: not started)."
+    rep = out / "report.json"
+    if not rep.exists(): return None
+    r = json.loads(rep.read_text())
+    per_step = r["train_seconds_all_calls"] / max(1, r["steps"])
+    return r["steps"] + int(FINISH_MARGIN * seconds / per_step)
 
 def _core_shares(n: int) -> list:  # -> n disjoint lists of CPU ids
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -71,6 +84,8 @@ def main(argv=None):
                     help="DataLoader workers per run (default: its share of the cores less 2; 0 packs in the training process)")
     ap.add_argument("--gpus", type=int, default=None, help="use the first N visible GPUs, one run on each in turn (default: all)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
+    ap.add_argument("--finish", action="store_true", help="end each resumed run's schedule inside this call's train.max_seconds "
+                    "(sets train.total_steps from its earlier calls' step time)")
     a = ap.parse_args(argv)
     runs, shares = _parse_runs(a.run), _core_shares(len(a.run))
     gpus = _gpu_shares(len(runs), a.gpus)
@@ -80,6 +95,11 @@ def main(argv=None):
         workers = a.workers if a.workers is not None else max(1, len(cores) - 2)
         sets = [f"out={a.out / name}", f"num_workers={workers}"] + sets
         cfg = RecipeConfig.from_yaml(a.config, sets)                     # a bad override fails here, before any run starts
+        if a.finish:
+            secs = cfg.train_config().max_seconds
+            if secs is None: raise SystemExit(f"--finish needs train.max_seconds for run {name} (the seconds this call trains)")
+            if (total := _finishing_steps(Path(cfg.out), secs)) is not None:
+                sets.append(f"train.total_steps={total}"); cfg = RecipeConfig.from_yaml(a.config, sets)
         link = Path(cfg.out) / "shapesworld"
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)

@@ -421,6 +421,20 @@ def test_sweep_recipe_runs_side_by_side(tmp_path):
     main(base + ["--run", "a", "train.total_steps=4", "--run", "c", "seed=1"])
     c = (tmp_path / "sweep" / "c" / "shapesworld").resolve()
     assert c != links[0].resolve() and json.loads((c / "recipe_data.json").read_text())["seed"] == 1
+    # --finish: a resumed run's total_steps is set to end inside this call's train.max_seconds (it needs them)
+    from bench.sweep_recipe import _finishing_steps
+    with pytest.raises(SystemExit, match="--finish needs train.max_seconds"): main(base + ["--finish", "--run", "a"])
+    want = _finishing_steps(tmp_path / "sweep" / "a", 3)
+    fin = main(base + ["--finish", "--run", "a", "train.max_seconds=3"])
+    assert fin[0][1] == f"train.max_seconds=3 train.total_steps={want}" and want >= 4
+
+def test_sweep_recipe_finish_sets_total_steps_from_the_step_time(tmp_path):
+    "sweep_recipe --finish: a resumed run's schedule ends inside this call's seconds, at its earlier calls' step time."
+    sys.path.insert(0, str(ROOT))
+    from bench.sweep_recipe import FINISH_MARGIN, _finishing_steps
+    assert _finishing_steps(tmp_path, 400) is None                                 # not started: the config's total_steps
+    (tmp_path / "report.json").write_text(json.dumps({"steps": 2650, "train_seconds_all_calls": 450.5}))
+    assert _finishing_steps(tmp_path, 400) == 2650 + int(FINISH_MARGIN * 400 / (450.5 / 2650)) == 2650 + 2282
 
 def test_sweep_recipe_gpu_shares(monkeypatch):
     "sweep_recipe: runs take the visible GPUs in turn; one GPU (or none) leaves the device alone; --gpus limits them."
