@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_data.ipynb #cbb1cf5e
 from __future__ import annotations
-import io, json, random, warnings, weakref
+import functools, io, json, random, warnings, weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -184,9 +184,11 @@ def _edit_items(self: EditReader, row: dict, rng: random.Random) -> list:
     if not isinstance(imgs, list) or not isinstance(ins, list) or len(imgs) < 2 or len(ins) < len(imgs) - 1:
         raise MalformedRow("needs image_list (>= 2 images) and instruction_list (one entry per step)")
     alt = lambda k: rng.choice(ins[k]) if isinstance(ins[k], list) and ins[k] else ins[k]
-    vae = lambda k: PlanItem("vae_image", image=self.transform.pixels(decode_image(imgs[k])), enable_cfg=True)
-    vit = lambda k: PlanItem("vit_image", image=self.vit_transform.pixels(decode_image(imgs[k])), enable_cfg=True)
-    target = lambda k: PlanItem("vae_image", image=self.transform.pixels(decode_image(imgs[k])), loss=True)
+    decoded = functools.cache(lambda k: decode_image(imgs[k]))          # a source is read by the VAE and the ViT, a
+    vae_px = functools.cache(lambda k: self.transform.pixels(decoded(k)))  # target again as the next step's source
+    vae = lambda k: PlanItem("vae_image", image=vae_px(k), enable_cfg=True)
+    vit = lambda k: PlanItem("vit_image", image=self.vit_transform.pixels(decoded(k)), enable_cfg=True)
+    target = lambda k: PlanItem("vae_image", image=vae_px(k), loss=True)
     text = lambda s: PlanItem("text", ids=_text(self.tokenizer, s), enable_cfg=True)
     n = len(imgs); s = rng.randint(0, n - 2); e = min(s + rng.choice([1, 2]), n - 1)
     items = [vae(s), vit(s)]

@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from torch import nn, Tensor
 
 from .mot import AttnPlan, KVCache, LLMConfig, Qwen2MoTForCausalLM, to_device
-from .transforms import to_unit
+from .transforms import as_unit, to_unit
 from .siglip import MLPConnector, SiglipNaViT, ViTConfig, pack_vit_images
 from .vae import VAEConfig, latent_position_ids, patchify_latent
 
@@ -463,8 +463,7 @@ def forward_train(self: Bagel, batch: PackedBatch, generator: torch.Generator | 
     is_gen = torch.zeros(total, dtype=torch.bool)                               # on the host
     if batch.packed_vit_tokens is not None and len(batch.packed_vit_tokens):
         cu = F.pad(host.vit_token_seqlens.cpu().cumsum(0), (1, 0)).to(torch.int32)
-        v = batch.packed_vit_tokens                   # on the device: uint8 pixels become [-1, 1] there
-        vit = self.vit_model((to_unit(v) if v.dtype == torch.uint8 else v).to(dev, self.dtype), batch.packed_vit_position_ids, cu)
+        vit = self.vit_model(as_unit(batch.packed_vit_tokens).to(self.dtype), batch.packed_vit_position_ids, cu)  # on the device
         x[batch.packed_vit_token_indexes] = self.connector(vit) + self.vit_pos_embed(batch.packed_vit_position_ids)
     pred = target = None
     if batch.padded_latent is not None and len(batch.patchified_vae_latent_shapes):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .model import LATENT_ROPES, BagelConfig, PackedBatch, SpecialTokens, latent_rope_span
 from .mot import AttnPlan, attn_allowed
-from .transforms import to_unit
+from .transforms import as_unit
 from .siglip import patchify, vit_position_ids
 from .vae import latent_position_ids
 
@@ -171,7 +171,7 @@ PackBuilder._add_text = _add_text
 # %% ../nbs/20_packing.ipynb #1c1b971c
 def _pixels(x: Tensor, cfg: PackConfig) -> Tensor:
     "An item's image as the pack stores it: uint8 pixels under `uint8_pixels`, else float32 in [-1, 1]."
-    if not cfg.uint8_pixels: return to_unit(x) if x.dtype == torch.uint8 else x.float()
+    if not cfg.uint8_pixels: return as_unit(x).float()
     if x.dtype != torch.uint8:
         raise TypeError(f"PackConfig.uint8_pixels packs uint8 pixels, got a {x.dtype} image: give PlanItem images as uint8 "
                         "(ImageTransform.pixels, transforms.image_tensor) or pack with uint8_pixels=False")

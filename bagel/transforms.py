@@ -14,7 +14,7 @@ from PIL import Image
 from .mot import to_device
 
 # %% auto #0
-__all__ = ['VAE_TRANSFORM', 'VIT_TRANSFORM', 'to_rgb', 'resize_bicubic', 'image_tensor', 'to_unit', 'ImageTransform',
+__all__ = ['VAE_TRANSFORM', 'VIT_TRANSFORM', 'to_rgb', 'resize_bicubic', 'image_tensor', 'to_unit', 'as_unit', 'ImageTransform',
            'pil_to_tensor']
 
 # %% ../nbs/05_transforms.ipynb #b08baa02
@@ -89,6 +89,10 @@ def image_tensor(img: Image.Image, device="cpu") -> torch.Tensor:  # -> uint8 [3
 def to_unit(x: torch.Tensor) -> torch.Tensor:  # uint8 [..] -> float32 in [-1, 1]
     "uint8 pixels as floats in [-1, 1]: (x / 255 - 0.5) / 0.5, the same float32 operations as `pil_to_tensor`."
     return x.float().div_(255).sub_(0.5).div_(0.5)
+
+def as_unit(x: torch.Tensor) -> torch.Tensor:  # uint8 pixels or floats in [-1, 1] -> floats in [-1, 1]
+    "Pixels in [-1, 1]: uint8 ones through `to_unit`; a float tensor is taken to be there already and comes back as it is."
+    return to_unit(x) if x.dtype == torch.uint8 else x
 
 # %% ../nbs/05_transforms.ipynb #0170c7f0
 @dataclass(frozen=True)
