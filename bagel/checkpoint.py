@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_checkpoint.ipynb #97b558f5
 from __future__ import annotations
-import json, math, os, shutil, tempfile, warnings
+import json, math, os, shutil, stat, tempfile, uuid, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -217,14 +217,16 @@ Bagel.from_pretrained = staticmethod(from_pretrained)
 
 # %% ../nbs/03_checkpoint.ipynb #6eedb73f
 def _atomic_write(path: Path, write):
-    "Call write(tmp_path), then rename tmp_path onto path."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    "Call write(tmp_path), then rename tmp_path onto path: the file appears whole or not at all, with a plain write's permissions."
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(Path(tmp))
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))   # a new file's mode here: the umask's
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        write(tmp)
+        os.chmod(tmp, mode)   # safetensors writes 0600 (as mkstemp would): a model dir others could not read
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 def save_file_atomic(tensors: dict, path: Path):

@@ -131,11 +131,10 @@ class Benchmark:
 
 # %% ../nbs/50_eval.ipynb #33c94cb1
 def write_atomic(path: Path, data: bytes | str) -> Path:
-    "Write bytes or text to `path` through a temporary file and a rename."
+    "Write bytes or text to `path` through a temporary file and a rename (as the model dir's files are written)."
+    from bagel.checkpoint import _atomic_write
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
     return path
 
 def save_image(img: Image.Image, path: Path) -> Path:
