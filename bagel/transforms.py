@@ -124,12 +124,16 @@ class ImageTransform:
             w, h = _snap(round(w * r), s), _snap(round(h * r), s)
         return w, h
 
+    def _sized(self, img: Image.Image, img_num: int = 1) -> Image.Image:
+        "RGB image at the rule's size: `img` itself when it is RGB at that size already (no copy)."
+        src = to_rgb(img, copy=False)
+        size = self.target_size(*src.size, img_num=img_num)
+        return src.resize(size, Image.BICUBIC) if size != src.size else src
+
     def resize(self, img: Image.Image, img_num: int = 1) -> Image.Image:
         "RGB image resized by the rule (bicubic); always a new image."
-        src = to_rgb(img, copy=False)                     # no copy before a resize
-        size = self.target_size(*src.size, img_num=img_num)
-        if size != src.size: return src.resize(size, Image.BICUBIC)
-        return src.copy() if src is img else src
+        out = self._sized(img, img_num)
+        return out.copy() if out is img else out
 
     def resize_tensor(self, x: torch.Tensor, img_num: int = 1) -> torch.Tensor:  # uint8 [3, H, W] -> uint8 [3, H', W']
         "`resize` on a uint8 tensor, where it lies (PIL's pixels exactly: `resize_bicubic`); the input when the size holds."
@@ -138,7 +142,7 @@ class ImageTransform:
 
     def pixels(self, img: Image.Image, img_num: int = 1) -> torch.Tensor:  # -> uint8 [3, H, W]
         "Resize, then the RGB pixels as a uint8 tensor (`to_unit` of it is this transform's output)."
-        return image_tensor(self.resize(img, img_num))
+        return image_tensor(self._sized(img, img_num))   # the tensor is a copy: the image itself need not be one
 
     def __call__(self, img: Image.Image, img_num: int = 1) -> torch.Tensor:  # -> [3, H, W] in [-1, 1]
         "Resize, then map to a float tensor in [-1, 1] (mean 0.5, std 0.5 per channel)."
