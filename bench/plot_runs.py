@@ -11,8 +11,9 @@ nb 36's two figures:
         --run "32nd: patch 2, 4300 steps=bench/results/shapesworld_gpu_h200_2026-11-30e" \\
         --run "36th: patch 4 + raster, ViT 126 px=bench/results/shapesworld_gpu_h200_2026-11-30i" \\
         --run "43rd: ViT 84 px, weights [3, 1, 1.4]=bench/results/shapesworld_gpu_h200_2026-11-30p" \\
-        --run "46th: ViT 42 px, weights [5, 1, 1.4] (the config)=bench/results/shapesworld_gpu_h200_2026-11-30r"
-    python -m bench.plot_runs --out nbs/images/shapesworld_gpu_samples.png --samples bench/results/shapesworld_gpu_h200_2026-11-30r
+        --run "46th: ViT 42 px, weights [5, 1, 1.4]=bench/results/shapesworld_gpu_h200_2026-11-30r" \\
+        --run "48th: 46th + VAE v2 (the config)=bench/results/shapesworld_gpu_h200_2026-11-30t"
+    python -m bench.plot_runs --out nbs/images/shapesworld_gpu_samples.png --samples bench/results/shapesworld_gpu_h200_2026-11-30t
 """
 import argparse, json, textwrap
 from pathlib import Path
