@@ -7,16 +7,18 @@ even one device has room for more than one run. On a machine of several GPUs the
     bagel demo --config CONFIG --set out=OUT/NAME --set num_workers=W [--set KEY=VALUE ...]
 
 pinned to its own share of the CPU cores (its DataLoader workers and intra-op threads stay inside it). The ShapesWorld
-data is written once and linked into every run whose data settings agree. When all runs have ended, one table of
+data is written once and linked into every run whose data settings agree; every run's data is written before the
+first run starts, so runs side by side start together. When all runs have ended, one table of
 their steps, final losses and ShapesWorld-Bench scores is appended to RESULTS.md. Runs that share a device also share
 its time, so compare their steps, not only their scores, with a run made alone.
 
 The same command again continues every run from its last checkpoint (`auto_resume`): a run longer than one session
 of a machine is several calls, e.g. `--set train.max_seconds=420` in each and a `train.total_steps` for the whole.
 Each call's table row has the run's steps and training seconds so far, and scores of its latest weights. `--finish`
-sets each resumed run's `train.total_steps` so that its schedule ends inside this call's `train.max_seconds`, at the
-seconds a step its earlier calls took (the learning rate is computed from the config each call, so a run still on a
-WSD schedule's flat part decays in this call).
+sets each resumed run's `train.total_steps` so that its schedule ends inside this call's `train.max_seconds`: from
+the checkpoint it resumes, at the seconds a step its training log shows up to there (the learning rate is computed
+from the config each call, so a run still on a WSD schedule's flat part decays in this call). A call cut off after
+its checkpoint, before its report, is finished from that checkpoint all the same.
 
     python -m bench.sweep_recipe --config configs/shapesworld_gpu.yaml --out runs/sweep \\
         --run base --run wsd train.lr_scheduler=wsd train.total_steps=3000 --run shift2 train.timestep_shift=2
@@ -38,13 +40,19 @@ def _parse_runs(runs: list) -> list:  # [[NAME, KEY=VALUE, ...], ...] -> [(name,
 
 FINISH_MARGIN = 0.97   # --finish plans for steps 3% slower than the earlier calls
 
-def _finishing_steps(out: Path, seconds: float) -> int | None:
-    "total_steps that end a resumed run `seconds` of training from now, at its step time so far (None: not started)."
-    rep = out / "report.json"
-    if not rep.exists(): return None
-    r = json.loads(rep.read_text())
-    per_step = r["train_seconds_all_calls"] / max(1, r["steps"])
-    return r["steps"] + int(FINISH_MARGIN * seconds / per_step)
+def _finishing_steps(cfg, seconds: float) -> int | None:
+    "total_steps that end a resumed run `seconds` of training from now, at its logged step time (None: no checkpoint)."
+    from bagel.distributed import latest_checkpoint
+    from bagel.train import read_metrics
+    tcfg = cfg.train_config()
+    if (ckpt := latest_checkpoint(tcfg.ckpt_dir)) is None: return None
+    step = int(ckpt.name.removeprefix("step_"))     # where training resumes; logs past it are dropped on resume
+    rows = [r for r in read_metrics(tcfg.results_dir) if r["step"] <= step and r.get("tokens_per_s")]
+    if not rows:
+        raise SystemExit(f"--finish: {cfg.out} has a checkpoint at step {step} but no logged step times in "
+                         f"{Path(tcfg.results_dir) / 'metrics.jsonl'}; give this run train.total_steps yourself")
+    per_step = sum(r["tokens"] / r["tokens_per_s"] for r in rows) / rows[-1]["step"]   # each log: its window's seconds
+    return step + int(FINISH_MARGIN * seconds / per_step)
 
 def _core_shares(n: int) -> list:  # -> n disjoint lists of CPU ids
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -85,25 +93,30 @@ def main(argv=None):
     ap.add_argument("--gpus", type=int, default=None, help="use the first N visible GPUs, one run on each in turn (default: all)")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default bench/RESULTS.md)")
     ap.add_argument("--finish", action="store_true", help="end each resumed run's schedule inside this call's train.max_seconds "
-                    "(sets train.total_steps from its earlier calls' step time)")
+                    "(sets train.total_steps from its latest checkpoint and the step time logged up to it)")
     a = ap.parse_args(argv)
     runs, shares = _parse_runs(a.run), _core_shares(len(a.run))
     gpus = _gpu_shares(len(runs), a.gpus)
     a.out.mkdir(parents=True, exist_ok=True)
-    made, procs = {}, []
-    for (name, sets), cores, gpu in zip(runs, shares, gpus):
+    planned = []
+    for (name, sets), cores in zip(runs, shares):                        # every run's config, before any data is written
         workers = a.workers if a.workers is not None else max(1, len(cores) - 2)
         sets = [f"out={a.out / name}", f"num_workers={workers}"] + sets
         cfg = RecipeConfig.from_yaml(a.config, sets)                     # a bad override fails here, before any run starts
         if a.finish:
             secs = cfg.train_config().max_seconds
             if secs is None: raise SystemExit(f"--finish needs train.max_seconds for run {name} (the seconds this call trains)")
-            if (total := _finishing_steps(Path(cfg.out), secs)) is not None:
+            if (total := _finishing_steps(cfg, secs)) is not None:
                 sets.append(f"train.total_steps={total}"); cfg = RecipeConfig.from_yaml(a.config, sets)
+        planned.append((name, sets, workers, cfg))
+    made, procs, ncores = {}, [], len({c for share in shares for c in share})
+    for *_, cfg in planned:            # all data first, on every core: the runs then start together and train alone
         link = Path(cfg.out) / "shapesworld"
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(_shared_data(cfg, a.out / "_data", made).resolve(), target_is_directory=True)
+            data = _shared_data(replace(cfg, num_workers=ncores), a.out / "_data", made)   # workers: not a data setting
+            link.symlink_to(data.resolve(), target_is_directory=True)
+    for (name, sets, workers, cfg), cores, gpu in zip(planned, shares, gpus):
         cmd = [sys.executable, "-c", "import sys; from bagel.cli import main; sys.exit(main(sys.argv[1:]))",
                "demo", "--config", str(a.config)] + [x for s in sets for x in ("--set", s)]
         log = open(Path(cfg.out) / "log.txt", "a")                        # a resumed run's log continues

@@ -424,18 +424,33 @@ def test_sweep_recipe_runs_side_by_side(tmp_path):
     assert c != links[0].resolve() and json.loads((c / "recipe_data.json").read_text())["seed"] == 1
     # --finish: a resumed run's total_steps is set to end inside this call's train.max_seconds (it needs them)
     from bench.sweep_recipe import _finishing_steps
+    from bagel.recipe import RecipeConfig
     with pytest.raises(SystemExit, match="--finish needs train.max_seconds"): main(base + ["--finish", "--run", "a"])
-    want = _finishing_steps(tmp_path / "sweep" / "a", 3)
+    want = _finishing_steps(RecipeConfig.from_yaml(path, [f"out={tmp_path / 'sweep' / 'a'}"]), 3)
     fin = main(base + ["--finish", "--run", "a", "train.max_seconds=3"])
     assert fin[0][1] == f"train.max_seconds=3 train.total_steps={want}" and want >= 4
 
 def test_sweep_recipe_finish_sets_total_steps_from_the_step_time(tmp_path):
-    "sweep_recipe --finish: a resumed run's schedule ends inside this call's seconds, at its earlier calls' step time."
+    "sweep_recipe --finish: a resumed run's schedule ends inside this call's seconds, from its checkpoint at its logged step time."
     sys.path.insert(0, str(ROOT))
+    from bagel.distributed import checkpoint_path
+    from bagel.recipe import RecipeConfig
     from bench.sweep_recipe import FINISH_MARGIN, _finishing_steps
-    assert _finishing_steps(tmp_path, 400) is None                                 # not started: the config's total_steps
-    (tmp_path / "report.json").write_text(json.dumps({"steps": 2650, "train_seconds_all_calls": 450.5}))
-    assert _finishing_steps(tmp_path, 400) == 2650 + int(FINISH_MARGIN * 400 / (450.5 / 2650)) == 2650 + 2282
+    cfg = RecipeConfig(out=str(tmp_path))
+    run, ckpts = Path(cfg.train_config().results_dir), cfg.train_config().ckpt_dir
+    assert _finishing_steps(cfg, 400) is None                                      # not started: the config's total_steps
+    def checkpoint(step):                                                          # a complete one: DCP metadata and meta.json
+        p = checkpoint_path(ckpts, step); p.mkdir(parents=True); (p / ".metadata").write_bytes(b""); (p / "meta.json").write_text("{}")
+    checkpoint(2600)
+    with pytest.raises(SystemExit, match="no logged step times"): _finishing_steps(cfg, 400)
+    logs = [{"step": k, "tokens": 60_000, "tokens_per_s": 60_000 / 8.5} for k in range(50, 2701, 50)]   # 8.5 s per 50 steps
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logs))
+    # a call cut off after its checkpoint at 2600 (logs to 2700, no report): resumed from 2600, at 0.17 s a step
+    assert _finishing_steps(cfg, 400) == 2600 + int(FINISH_MARGIN * 400 / 0.17) == 2600 + 2282
+    (ckpts / "step_0002700.tmp").mkdir()                                           # an unfinished write is not resumed from
+    assert _finishing_steps(cfg, 400) == 2600 + 2282
+    checkpoint(2700)
+    assert _finishing_steps(cfg, 400) == 2700 + 2282
 
 def test_sweep_recipe_gpu_shares(monkeypatch):
     "sweep_recipe: runs take the visible GPUs in turn; one GPU (or none) leaves the device alone; --gpus limits them."
