@@ -13,7 +13,7 @@ import torch
 
 from .model import BagelConfig
 from .shapesworld import check_mix_weights, check_share, check_tag_weights, vit_side
-from .train import TrainConfig, read_metrics
+from .train import TrainConfig, read_metrics, window_seconds
 
 # %% auto #0
 __all__ = ['apply_overrides', 'RecipeConfig', 'train_recipe_vae', 'make_base_dir', 'data_settings', 'make_data', 'packed_data',
@@ -375,7 +375,7 @@ def run_shapesworld(cfg: RecipeConfig = RecipeConfig(), log=print) -> dict:
     cached = stage("bench_step_cache", lambda: evaluate_step_cache(cfg, inf, out / "bench_step_cache" / tag)) if cfg.bench_step_cache else None
     pics = stage("samples", lambda: samples(cfg, inf))
     hist = read_metrics(out / "run")
-    train_s = sum(h["tokens"] / h["tokens_per_s"] for h in hist if h.get("tokens_per_s"))   # every call's logged steps
+    train_s = sum(map(window_seconds, hist))                           # every call's logged steps
     report = {"config": asdict(cfg), "seconds": times, "train_seconds_all_calls": round(train_s, 1), "steps": res.step,
               "metrics": summary["metrics"], "t2i_failures": failures, "t2i_pair_layouts": layouts,
               "first_log": hist[0] if hist else None, "last_log": hist[-1] if hist else None,

@@ -24,7 +24,7 @@ from .testing import toy_packed_batch
 # %% auto #0
 __all__ = ['PEAK_TFLOPS', 'TrainConfig', 'Losses', 'local_counts', 'reduce_losses', 'lr_factor', 'make_optimizer', 'EMA',
            'model_config', 'apply_freeze_', 'build_model', 'detect_peak_tflops', 'dense_params', 'train_flops',
-           'SyntheticBatches', 'train_step', 'TrainResult', 'read_metrics', 'train']
+           'SyntheticBatches', 'train_step', 'TrainResult', 'read_metrics', 'window_seconds', 'train']
 
 # %% ../nbs/30_train_fsdp.ipynb #8b11f6ee
 @dataclass
@@ -467,6 +467,10 @@ def read_metrics(results_dir: str | Path) -> list:  # -> one dict per logged ste
     "The records a run logged in `{results_dir}/metrics.jsonl` ([] before its first log)."
     path = Path(results_dir) / "metrics.jsonl"
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+
+def window_seconds(rec: dict) -> float:
+    "Training seconds a metrics record covers (the steps since the log before it): its tokens over its tokens/s; 0 without a rate."
+    return rec["tokens"] / rec["tokens_per_s"] if rec.get("tokens_per_s") else 0.0
 
 def _write_metrics(path: Path, rec: dict | None, keep_until: int | None = None):
     "Append a record (rank 0); or, on resume, drop records after step keep_until."

@@ -28,12 +28,11 @@ def _files(path: Path) -> tuple:  # -> (report.json, run/metrics.jsonl) of a sav
 
 def read_run(path: Path) -> dict:
     "A run's log rows (run/metrics.jsonl, with `seconds`: training seconds at each log) and its report.json."
+    from itertools import accumulate
+    from bagel.train import read_metrics, window_seconds
     rep, log = _files(path)
-    rows, t = [], 0.0
-    for line in log.read_text().splitlines():
-        r = json.loads(line)
-        if "tokens" in r and r.get("tokens_per_s"): t += r["tokens"] / r["tokens_per_s"]   # the window's seconds
-        rows.append(r | {"seconds": t})
+    recs = read_metrics(log.parent)
+    rows = [r | {"seconds": t} for r, t in zip(recs, accumulate(map(window_seconds, recs)))]
     return {"rows": rows, "report": json.loads(rep.read_text())}
 
 def _label_dir(spec: str) -> tuple:

@@ -43,7 +43,7 @@ FINISH_MARGIN = 0.97   # --finish plans for steps 3% slower than the earlier cal
 def _finishing_steps(cfg, seconds: float) -> int | None:
     "total_steps that end a resumed run `seconds` of training from now, at its logged step time (None: no checkpoint)."
     from bagel.distributed import latest_checkpoint
-    from bagel.train import read_metrics
+    from bagel.train import read_metrics, window_seconds
     tcfg = cfg.train_config()
     if (ckpt := latest_checkpoint(tcfg.ckpt_dir)) is None: return None
     step = int(ckpt.name.removeprefix("step_"))     # where training resumes; logs past it are dropped on resume
@@ -51,7 +51,7 @@ def _finishing_steps(cfg, seconds: float) -> int | None:
     if not rows:
         raise SystemExit(f"--finish: {cfg.out} has a checkpoint at step {step} but no logged step times in "
                          f"{Path(tcfg.results_dir) / 'metrics.jsonl'}; give this run train.total_steps yourself")
-    per_step = sum(r["tokens"] / r["tokens_per_s"] for r in rows) / rows[-1]["step"]   # each log: its window's seconds
+    per_step = sum(map(window_seconds, rows)) / rows[-1]["step"]
     return step + int(FINISH_MARGIN * seconds / per_step)
 
 def _core_shares(n: int) -> list:  # -> n disjoint lists of CPU ids
